@@ -1,0 +1,29 @@
+"""hidden_align: the Hidden-Align auxiliary loss and DAPO token-level math for PyTorch RL.
+
+>>> import hidden_align as ha
+>>> align = ha.loss(hidden, anchors, rewards, group_ids=uid)   # autograd scalar
+"""
+
+from ._native import __version__
+from .align import loss
+from .errors import (
+    ArgumentError,
+    CudaUnavailableError,
+    DeviceError,
+    DtypeError,
+    HiddenAlignError,
+    KernelError,
+    ShapeError,
+)
+
+__all__ = [
+    "ArgumentError",
+    "CudaUnavailableError",
+    "DeviceError",
+    "DtypeError",
+    "HiddenAlignError",
+    "KernelError",
+    "ShapeError",
+    "__version__",
+    "loss",
+]

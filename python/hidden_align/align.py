@@ -1,0 +1,182 @@
+"""The Hidden-Align loss: ``hidden_align.loss``."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _native
+from ._row_grad import AnchorRowGrad, attach_delivery_hook
+from .errors import ArgumentError
+
+__all__ = ["loss"]
+
+_LOSS_TYPES = ("cosine", "centroid", "mse", "contrastive")
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _require_tensor(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _AlignLoss(torch.autograd.Function):
+    """Fused anchor gather + group alignment; backward returns an :class:`AnchorRowGrad`."""
+
+    @staticmethod
+    def forward(ctx, hidden, mask, rewards, group_ids, group_size, cu_seqlens, options):
+        loss_type, reduction, threshold, eps, tau = options
+        batch = rewards.shape[0] if rewards.dim() == 1 else 0
+        acc = _accumulator(hidden.dtype)
+        dev = hidden.device
+        rows = torch.empty(batch, dtype=torch.int64, device=dev)
+        groups = torch.empty(batch, dtype=torch.int64, device=dev)
+        correct = torch.empty(batch, dtype=torch.bool, device=dev)
+        group_loss = torch.empty(batch, dtype=acc, device=dev)
+        group_valid = torch.empty(batch, dtype=torch.bool, device=dev)
+        scalars = torch.empty(4, dtype=acc, device=dev)
+        num_groups = _native.align_forward(
+            hidden.detach(),
+            mask.detach(),
+            rewards.detach(),
+            None if group_ids is None else group_ids.detach(),
+            group_size,
+            None if cu_seqlens is None else cu_seqlens.detach(),
+            loss_type,
+            reduction,
+            float(threshold),
+            float(eps),
+            float(tau),
+            rows,
+            groups,
+            correct,
+            group_loss,
+            group_valid,
+            scalars,
+        )
+        ctx.save_for_backward(hidden, rows, groups, correct)
+        ctx.options = options
+        ctx.num_groups = num_groups
+        value = group_loss[:num_groups] if reduction == "none" else scalars[0].clone()
+        valid = group_valid[:num_groups]
+        stats = scalars[1:]
+        ctx.mark_non_differentiable(valid, stats)
+        return value, valid, stats
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_value, _grad_valid, _grad_stats):
+        hidden, rows, groups, correct = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        loss_type, reduction, _, eps, tau = ctx.options
+        vals = torch.empty(
+            rows.shape[0], hidden.shape[-1], dtype=_accumulator(hidden.dtype), device=hidden.device
+        )
+        _native.align_backward(
+            hidden.detach(),
+            rows,
+            groups,
+            correct,
+            ctx.num_groups,
+            grad_value.detach(),
+            loss_type,
+            reduction,
+            float(eps),
+            float(tau),
+            vals,
+        )
+        return AnchorRowGrad(hidden, rows, vals), None, None, None, None, None, None
+
+
+def loss(
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    rewards: torch.Tensor,
+    *,
+    group_ids: Optional[torch.Tensor] = None,
+    group_size: Optional[int] = None,
+    loss_type: str = "cosine",
+    reduction: str = "mean",
+    threshold: float = 0.5,
+    eps: float = 1e-8,
+    tau: float = 0.1,
+    return_stats: bool = False,
+    cu_seqlens: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, tuple]:
+    """Hidden-Align loss: pulls together the anchor hidden states of each prompt's correct rollouts.
+
+    Reads only the B anchor rows of ``hidden`` (one fused gather + normalise + group reduction);
+    the backward adds its gradient rows into the gradient ``hidden`` already receives, so the
+    term costs O(B H) even when ``hidden`` is ``[B, T, H]``.
+
+    Args:
+        hidden: last-layer hidden states, ``[B, T, H]`` (padded) or ``[N, H]`` (packed), float32,
+            bfloat16, float16 or float64, any strides, any autograd position.
+        mask: the anchors, either a bool/uint8 mask with at most one true element per rollout
+            (``[B, T]`` padded; ``[N]`` packed, with ``cu_seqlens``) or int64 indices ``[B]``
+            (position in ``T`` padded, row in ``N`` packed; -1 for no anchor).
+        rewards: ``[B]`` scores, accuracies or bools; correct means ``rewards > threshold``
+            (bool: ``True``). NaN counts as incorrect.
+        group_ids: int64 ``[B]`` prompt labels in any order. Exactly one of ``group_ids`` and
+            ``group_size`` is required.
+        group_size: rollouts per prompt when groups are contiguous blocks.
+        loss_type: ``"cosine"`` (mean pairwise ``1 - cos``, default), ``"centroid"``,
+            ``"mse"`` or ``"contrastive"`` (InfoNCE, temperature ``tau``).
+        reduction: ``"mean"`` over valid groups (0 when none), ``"sum"`` or ``"none"``.
+        threshold: correctness threshold for non-bool rewards.
+        eps: norm clamp, ``u = h / max(||h||, eps)``.
+        tau: contrastive temperature.
+        return_stats: also return a dict of 0-d tensors (no host synchronisation):
+            ``mean_cosine`` (mean pairwise cosine of correct anchors over groups with at least
+            two of them; NaN when there is none), ``valid_groups``, ``anchored_correct``.
+        cu_seqlens: ``[B + 1]`` sequence offsets of packed ``hidden`` (needed with a bool mask;
+            with indices it checks each anchor lies in its own sequence).
+
+    Returns:
+        The loss (a float32 0-d tensor, float64 for float64 ``hidden``); for ``reduction="none"``
+        a tuple ``(per_group_loss [G], valid [G])`` with groups in sorted label order. With
+        ``return_stats=True``, ``(result, stats)``.
+
+    A NaN or inf in a participating anchor row makes the loss NaN; no other element of
+    ``hidden`` is read. Double backward is not supported and raises.
+
+    Example:
+        >>> h = torch.randn(4, 6, 8, requires_grad=True)
+        >>> anchors = torch.tensor([2, 3, -1, 5])
+        >>> value = loss(h, anchors, torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
+        >>> value.backward()
+    """
+    _require_tensor("hidden", hidden)
+    _require_tensor("mask", mask)
+    _require_tensor("rewards", rewards)
+    _require_tensor("group_ids", group_ids, optional=True)
+    _require_tensor("cu_seqlens", cu_seqlens, optional=True)
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
+    if loss_type not in _LOSS_TYPES:
+        raise ArgumentError(f"loss_type: expected one of {_LOSS_TYPES}, got {loss_type!r}")
+    if reduction not in _REDUCTIONS:
+        raise ArgumentError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    if torch.is_grad_enabled():
+        attach_delivery_hook(hidden)
+    options = (loss_type, reduction, threshold, eps, tau)
+    value, valid, stats = _AlignLoss.apply(
+        hidden, mask, rewards, group_ids, group_size, cu_seqlens, options
+    )
+    result = (value, valid) if reduction == "none" else value
+    if not return_stats:
+        return result
+    return result, {
+        "mean_cosine": stats[0],
+        "valid_groups": stats[1].to(torch.int64),
+        "anchored_correct": stats[2].to(torch.int64),
+    }

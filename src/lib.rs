@@ -1,0 +1,27 @@
+//! `hidden_align`: the Hidden-Align auxiliary loss and DAPO's token-level math for PyTorch
+//! RL training.
+//!
+//! `ops` validates and dispatches, `cpu` holds the kernels, `py` (feature `python`) is the
+//! only code that knows about Python.
+#![deny(missing_docs)]
+
+pub mod cpu;
+pub mod error;
+pub mod ops;
+pub mod tensor;
+
+#[cfg(feature = "python")]
+mod py;
+
+#[cfg(feature = "python")]
+#[pyo3::pymodule]
+mod _native {
+    #[pymodule_export]
+    use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}

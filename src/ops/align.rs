@@ -1,0 +1,526 @@
+//! The Hidden-Align loss: argument validation, the anchor plan, dispatch to a backend.
+//!
+//! The plan says, per rollout, which row of `hidden` is its anchor (or none), which dense
+//! group it belongs to and whether it is correct. Forward and backward read only the anchor
+//! rows named by the plan.
+
+use std::str::FromStr;
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, TensorRef};
+
+/// The per-group loss (DESIGN section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossType {
+    /// Mean pairwise `1 - cos` over ordered pairs of correct anchors, in O(n H).
+    Cosine,
+    /// Mean `1 - cos(h_i, sg(S_g))` against the detached group centroid direction.
+    Centroid,
+    /// Mean squared distance of raw states to the detached group mean, divided by H.
+    Mse,
+    /// InfoNCE: other correct anchors are positives, incorrect anchors negatives.
+    Contrastive,
+}
+
+impl FromStr for LossType {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "cosine" => Ok(LossType::Cosine),
+            "centroid" => Ok(LossType::Centroid),
+            "mse" => Ok(LossType::Mse),
+            "contrastive" => Ok(LossType::Contrastive),
+            other => Err(Error::value(
+                "loss_type",
+                "one of 'cosine', 'centroid', 'mse', 'contrastive'",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
+/// How per-group losses become the result.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduction {
+    /// Mean over valid groups; 0 when none is valid.
+    Mean,
+    /// Sum over valid groups.
+    Sum,
+    /// Per-group values (0 for invalid groups) plus a validity mask.
+    None,
+}
+
+impl FromStr for Reduction {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "mean" => Ok(Reduction::Mean),
+            "sum" => Ok(Reduction::Sum),
+            "none" => Ok(Reduction::None),
+            other => Err(Error::value(
+                "reduction",
+                "one of 'mean', 'sum', 'none'",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
+/// Options shared by forward and backward.
+#[derive(Clone, Copy, Debug)]
+pub struct AlignConfig {
+    /// Per-group loss.
+    pub loss_type: LossType,
+    /// Reduction over groups.
+    pub reduction: Reduction,
+    /// Norm clamp of the normalisation `h / max(||h||, eps)`.
+    pub eps: f64,
+    /// Temperature of the contrastive loss.
+    pub tau: f64,
+}
+
+impl AlignConfig {
+    /// Parses and checks the options.
+    pub fn new(loss_type: &str, reduction: &str, eps: f64, tau: f64) -> Result<Self> {
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(Error::value("eps", "a finite number > 0", eps));
+        }
+        if !(tau.is_finite() && tau > 0.0) {
+            return Err(Error::value("tau", "a finite number > 0", tau));
+        }
+        Ok(AlignConfig {
+            loss_type: loss_type.parse()?,
+            reduction: reduction.parse()?,
+            eps,
+            tau,
+        })
+    }
+}
+
+/// Where the anchors come from.
+pub enum Anchors<'a> {
+    /// bool/uint8 mask with at most one true element per rollout: `[B, T]` for padded
+    /// hidden, `[N]` for packed hidden (with `cu_seqlens`).
+    Mask(TensorRef<'a>),
+    /// int64 `[B]`: position in `T` (padded) or row in `N` (packed); -1 for no anchor.
+    Index(TensorRef<'a>),
+}
+
+/// How rollouts are grouped.
+pub enum Grouping<'a> {
+    /// int64 labels `[B]`, any order, not necessarily contiguous.
+    Ids(TensorRef<'a>),
+    /// Contiguous blocks of this many rollouts.
+    Size(usize),
+}
+
+/// How a flat row index maps into `hidden`: padded `[B, T, H]` rows are `b * T + t`,
+/// packed `[N, H]` rows are `n`.
+#[derive(Clone, Copy, Debug)]
+pub struct RowSpace {
+    /// Number of addressable rows (`B * T` or `N`).
+    pub rows: usize,
+    /// Rows per outer index (`T`, or `N` for packed so the outer index is always 0).
+    pub inner: usize,
+    /// Element stride of the outer index.
+    pub outer_stride: isize,
+    /// Element stride of the inner index.
+    pub inner_stride: isize,
+    /// Hidden size `H`.
+    pub hidden_size: usize,
+    /// Element stride along `H`.
+    pub feature_stride: isize,
+    /// True for the packed layout.
+    pub packed: bool,
+}
+
+impl RowSpace {
+    /// Describes `hidden` (`[B, T, H]` or `[N, H]`, a floating-point dtype).
+    pub fn of(hidden: &TensorRef) -> Result<Self> {
+        hidden.expect_dtype(&[DType::F32, DType::BF16, DType::F16, DType::F64])?;
+        let (s, st) = (hidden.shape(), hidden.strides());
+        match hidden.ndim() {
+            3 => Ok(RowSpace {
+                rows: s[0] * s[1],
+                inner: s[1],
+                outer_stride: st[0],
+                inner_stride: st[1],
+                hidden_size: s[2],
+                feature_stride: st[2],
+                packed: false,
+            }),
+            2 => Ok(RowSpace {
+                rows: s[0],
+                inner: s[0],
+                outer_stride: 0,
+                inner_stride: st[0],
+                hidden_size: s[1],
+                feature_stride: st[1],
+                packed: true,
+            }),
+            _ => Err(Error::shape(
+                "hidden",
+                "[B, T, H] (padded) or [N, H] (packed)",
+                s,
+            )),
+        }
+    }
+
+    /// Element offset of the first feature of flat row `row` (< `rows`).
+    pub fn offset(&self, row: usize) -> isize {
+        (row / self.inner) as isize * self.outer_stride + (row % self.inner) as isize * self.inner_stride
+    }
+}
+
+/// Who takes part: per rollout its anchor row (-1: none), dense group and correctness.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AnchorPlan {
+    /// Flat anchor row per rollout, -1 when the rollout has no anchor.
+    pub rows: Vec<i64>,
+    /// Dense group index per rollout, in `0..num_groups` (sorted order of the labels).
+    pub group: Vec<usize>,
+    /// Correctness per rollout.
+    pub correct: Vec<bool>,
+    /// Number of distinct groups.
+    pub num_groups: usize,
+}
+
+impl AnchorPlan {
+    /// Number of rollouts.
+    pub fn batch(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// Validates every argument and resolves anchors, groups and correctness.
+pub fn plan(
+    hidden: &TensorRef,
+    anchors: &Anchors,
+    rewards: &TensorRef,
+    grouping: &Grouping,
+    threshold: f64,
+    cu_seqlens: Option<&TensorRef>,
+) -> Result<AnchorPlan> {
+    let space = RowSpace::of(hidden)?;
+    let device = hidden.device();
+    for t in [Some(rewards), cu_seqlens]
+        .into_iter()
+        .flatten()
+        .chain(match anchors {
+            Anchors::Mask(t) | Anchors::Index(t) => Some(t),
+        })
+        .chain(match grouping {
+            Grouping::Ids(t) => Some(t),
+            Grouping::Size(_) => None,
+        })
+    {
+        if t.device() != device {
+            return Err(Error::Device {
+                arg: t.name(),
+                expected: format!("{device} (the device of hidden)"),
+                got: t.device().to_string(),
+            });
+        }
+    }
+    if device != Device::Cpu {
+        return Err(Error::CudaUnavailable {
+            reason: format!(
+                "hidden is on {device}, but this build runs on CPU tensors only; move the \
+                 tensors to the CPU"
+            ),
+        });
+    }
+
+    rewards.expect_ndim(1, "[B]")?;
+    let batch = rewards.shape()[0];
+    if !threshold.is_finite() {
+        return Err(Error::value("threshold", "a finite number", threshold));
+    }
+    let correct: Vec<bool> = if rewards.dtype() == DType::Bool {
+        rewards.to_f64_vec()?.into_iter().map(|r| r != 0.0).collect()
+    } else {
+        // NaN rewards compare false: a NaN-scored rollout counts as incorrect.
+        rewards.to_f64_vec()?.into_iter().map(|r| r > threshold).collect()
+    };
+    if !space.packed && hidden.shape()[0] != batch {
+        return Err(Error::Shape {
+            arg: "hidden",
+            expected: format!("[B, T, H] with B = {batch} (the length of rewards)"),
+            got: format!("{:?}", hidden.shape()),
+        });
+    }
+
+    let segments = match (space.packed, cu_seqlens) {
+        (false, Some(_)) => {
+            return Err(Error::value(
+                "cu_seqlens",
+                "None for padded hidden [B, T, H]",
+                "a tensor",
+            ));
+        }
+        (false, None) => None,
+        (true, Some(cu)) => Some(segments_of(cu, batch, space.rows)?),
+        (true, None) => None,
+    };
+
+    let rows = match anchors {
+        Anchors::Mask(mask) => rows_from_mask(mask, &space, batch, segments.as_deref())?,
+        Anchors::Index(index) => rows_from_index(index, &space, batch, segments.as_deref())?,
+    };
+    let (group, num_groups) = dense_groups(grouping, batch)?;
+    Ok(AnchorPlan {
+        rows,
+        group,
+        correct,
+        num_groups,
+    })
+}
+
+/// `cu_seqlens` `[B + 1]` → per-rollout row ranges of the packed hidden.
+fn segments_of(cu: &TensorRef, batch: usize, rows: usize) -> Result<Vec<(usize, usize)>> {
+    let v = cu.to_i64_vec()?;
+    if v.len() != batch + 1 {
+        return Err(Error::Shape {
+            arg: "cu_seqlens",
+            expected: format!("[B + 1] = [{}]", batch + 1),
+            got: format!("{:?}", cu.shape()),
+        });
+    }
+    let ok = v[0] == 0 && v.windows(2).all(|w| w[0] <= w[1]) && v[batch] as usize <= rows;
+    if !ok {
+        return Err(Error::value(
+            "cu_seqlens",
+            format!("non-decreasing offsets starting at 0 and ending at most at N = {rows}"),
+            format!("{v:?}"),
+        ));
+    }
+    Ok(v.windows(2).map(|w| (w[0] as usize, w[1] as usize)).collect())
+}
+
+fn rows_from_mask(
+    mask: &TensorRef,
+    space: &RowSpace,
+    batch: usize,
+    segments: Option<&[(usize, usize)]>,
+) -> Result<Vec<i64>> {
+    mask.expect_dtype(&[DType::Bool, DType::U8])?;
+    // Both layouts reduce to a flat boolean row space cut into per-rollout segments.
+    let (flat, segments): (Vec<bool>, Vec<(usize, usize)>) = if space.packed {
+        let Some(segments) = segments else {
+            return Err(Error::value(
+                "cu_seqlens",
+                "a [B + 1] tensor when mask is a bool mask over packed hidden [N, H]",
+                "None",
+            ));
+        };
+        if mask.shape() != [space.rows] {
+            return Err(Error::shape("mask", format!("[N] = [{}]", space.rows), mask.shape()));
+        }
+        (read_bool_flat(mask)?, segments.to_vec())
+    } else {
+        if mask.shape() != [batch, space.inner] {
+            return Err(Error::shape(
+                "mask",
+                format!("[B, T] = [{batch}, {}] or an int64 index [B]", space.inner),
+                mask.shape(),
+            ));
+        }
+        let t = space.inner;
+        (read_bool_flat(mask)?, (0..batch).map(|b| (b * t, (b + 1) * t)).collect())
+    };
+    let mut rows = vec![-1i64; batch];
+    for (b, &(lo, hi)) in segments.iter().enumerate() {
+        for (r, _) in flat[lo..hi].iter().enumerate().filter(|(_, on)| **on) {
+            if rows[b] >= 0 {
+                return Err(Error::value(
+                    "mask",
+                    "at most one anchor (true element) per rollout",
+                    format!("several in rollout {b}"),
+                ));
+            }
+            rows[b] = (lo + r) as i64;
+        }
+    }
+    Ok(rows)
+}
+
+fn read_bool_flat(mask: &TensorRef) -> Result<Vec<bool>> {
+    // Read through the strides so transposed or sliced masks work without a copy.
+    let shape = mask.shape();
+    let strides = mask.strides();
+    let mut out = Vec::with_capacity(mask.numel());
+    let p = mask.data_ptr() as *const u8;
+    let mut index = vec![0usize; shape.len()];
+    for _ in 0..mask.numel() {
+        let off: isize = index.iter().zip(strides).map(|(&i, &s)| i as isize * s).sum();
+        // SAFETY: index < shape in every dimension, covered by the TensorRef invariant;
+        // bool and uint8 are one byte each.
+        out.push(unsafe { *p.offset(off) } != 0);
+        for d in (0..shape.len()).rev() {
+            index[d] += 1;
+            if index[d] < shape[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+fn rows_from_index(
+    index: &TensorRef,
+    space: &RowSpace,
+    batch: usize,
+    segments: Option<&[(usize, usize)]>,
+) -> Result<Vec<i64>> {
+    if index.dtype() != DType::I64 && index.dtype() != DType::I32 {
+        return Err(Error::Dtype {
+            arg: "mask",
+            expected: "bool or uint8 (an anchor mask) or int64 (anchor indices)".into(),
+            got: index.dtype().to_string(),
+        });
+    }
+    if index.shape() != [batch] {
+        return Err(Error::shape("mask", format!("an index [B] = [{batch}]"), index.shape()));
+    }
+    let limit = if space.packed { space.rows } else { space.inner };
+    let what = if space.packed { "a row in [0, N)" } else { "a position in [0, T)" };
+    index
+        .to_i64_vec()?
+        .into_iter()
+        .enumerate()
+        .map(|(b, i)| {
+            if i == -1 {
+                return Ok(-1);
+            }
+            if i < 0 || i as usize >= limit {
+                return Err(Error::value(
+                    "mask",
+                    format!("-1 or {what} with bound {limit}"),
+                    format!("{i} for rollout {b}"),
+                ));
+            }
+            if let Some(seg) = segments {
+                let (lo, hi) = seg[b];
+                if (i as usize) < lo || i as usize >= hi {
+                    return Err(Error::value(
+                        "mask",
+                        format!("row of rollout {b} inside its sequence [{lo}, {hi})"),
+                        i,
+                    ));
+                }
+            }
+            Ok(if space.packed { i } else { (b * space.inner) as i64 + i })
+        })
+        .collect()
+}
+
+/// Labels → dense indices in sorted label order (the order of `torch.unique`).
+fn dense_groups(grouping: &Grouping, batch: usize) -> Result<(Vec<usize>, usize)> {
+    match grouping {
+        Grouping::Size(0) => Err(Error::value("group_size", "a positive integer", 0)),
+        Grouping::Size(g) if batch % g != 0 => Err(Error::value(
+            "group_size",
+            format!("a divisor of the batch size B = {batch}"),
+            g,
+        )),
+        Grouping::Size(g) => Ok(((0..batch).map(|b| b / g).collect(), batch / g)),
+        Grouping::Ids(ids) => {
+            if ids.shape() != [batch] {
+                return Err(Error::shape("group_ids", format!("[B] = [{batch}]"), ids.shape()));
+            }
+            let labels = ids.to_i64_vec().map_err(|e| match e {
+                Error::Dtype { got, .. } => Error::Dtype {
+                    arg: "group_ids",
+                    expected: "int64 or int32".into(),
+                    got,
+                },
+                other => other,
+            })?;
+            let mut unique = labels.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            let dense = labels
+                .iter()
+                .map(|l| unique.binary_search(l).expect("label is in its own sorted set"))
+                .collect();
+            Ok((dense, unique.len()))
+        }
+    }
+}
+
+/// Result of the forward pass, in the accumulator precision widened to f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlignForward {
+    /// Per-group loss, 0 for invalid groups.
+    pub group_loss: Vec<f64>,
+    /// Per-group validity.
+    pub group_valid: Vec<bool>,
+    /// The reduced loss (`mean` or `sum`; for `none` the sum, unused).
+    pub loss: f64,
+    /// Mean pairwise cosine of correct anchors over groups with at least two of them
+    /// (NaN when there is no such group).
+    pub mean_cosine: f64,
+    /// Number of groups that contribute to the loss.
+    pub valid_groups: usize,
+    /// Number of rollouts that are correct and have an anchor.
+    pub anchored_correct: usize,
+}
+
+/// Forward pass on the backend of `hidden`.
+pub fn forward(hidden: &TensorRef, plan: &AnchorPlan, cfg: &AlignConfig) -> Result<AlignForward> {
+    let space = RowSpace::of(hidden)?;
+    check_plan_rows(plan, &space)?;
+    crate::dispatch_float!(hidden.dtype(), T => Ok(cpu::align::forward::<T>(hidden, &space, plan, cfg)))
+}
+
+/// Backward pass: writes `dL/dh` of every rollout's anchor row into `grad_rows`
+/// (`[B, H]`, the accumulator dtype; rows of non-participating rollouts are zero).
+/// `upstream` holds one value for `mean`/`sum`, one per group for `none`.
+pub fn backward(
+    hidden: &TensorRef,
+    plan: &AnchorPlan,
+    cfg: &AlignConfig,
+    upstream: &[f64],
+    grad_rows: &mut TensorRef,
+) -> Result<()> {
+    let space = RowSpace::of(hidden)?;
+    check_plan_rows(plan, &space)?;
+    let want = if cfg.reduction == Reduction::None { plan.num_groups } else { 1 };
+    if upstream.len() != want {
+        return Err(Error::value("grad_output", format!("{want} values"), upstream.len()));
+    }
+    if grad_rows.shape() != [plan.batch(), space.hidden_size] {
+        return Err(Error::shape(
+            "grad_rows",
+            format!("[{}, {}]", plan.batch(), space.hidden_size),
+            grad_rows.shape(),
+        ));
+    }
+    crate::dispatch_float!(hidden.dtype(), T => {
+        // SAFETY: grad_rows is a fresh output owned by this call.
+        let out = unsafe { grad_rows.as_mut_slice::<<T as cpu::float::Elem>::Acc>()? };
+        cpu::align::backward::<T>(hidden, &space, plan, cfg, upstream, out);
+        Ok(())
+    })
+}
+
+fn check_plan_rows(plan: &AnchorPlan, space: &RowSpace) -> Result<()> {
+    let n = plan.batch();
+    if plan.group.len() != n || plan.correct.len() != n {
+        return Err(Error::Kernel {
+            op: "hidden_align.loss",
+            message: "inconsistent anchor plan".into(),
+        });
+    }
+    for (b, &r) in plan.rows.iter().enumerate() {
+        if r < -1 || r >= space.rows as i64 {
+            return Err(Error::value("rows", format!("-1 or a row below {}", space.rows), format!("{r} for rollout {b}")));
+        }
+    }
+    if plan.group.iter().any(|&g| g >= plan.num_groups) {
+        return Err(Error::value("groups", format!("indices below {}", plan.num_groups), "a larger index"));
+    }
+    Ok(())
+}

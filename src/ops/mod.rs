@@ -1,0 +1,4 @@
+//! Backend-free op definitions: validate arguments, then dispatch to a backend.
+
+pub mod align;
+pub mod rows;

@@ -1,0 +1,48 @@
+//! Adding gradient rows into a tensor shaped like `hidden`, in place.
+//!
+//! This is how the alignment gradient reaches `hidden` without a pass over all of it: the
+//! rows are added into the gradient `hidden` already receives (or into zeros when nothing
+//! else feeds it).
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::ops::align::RowSpace;
+use crate::tensor::{DType, TensorRef};
+
+/// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows
+/// accumulate). `dst` is `[B, T, H]` or `[N, H]` with any strides, `rows` int64 `[k]` flat
+/// rows, `vals` `[k, H]` contiguous float32 or float64. Each sum is formed in the wider of
+/// the two types and rounded once.
+pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> Result<()> {
+    let space = RowSpace::of(dst)?;
+    let rows = rows.to_i64_vec()?;
+    if vals.shape() != [rows.len(), space.hidden_size] {
+        return Err(Error::shape(
+            "vals",
+            format!("[{}, {}]", rows.len(), space.hidden_size),
+            vals.shape(),
+        ));
+    }
+    if let Some((j, r)) = rows.iter().enumerate().find(|(_, r)| **r < -1 || **r >= space.rows as i64) {
+        return Err(Error::value("rows", format!("-1 or a row below {}", space.rows), format!("{r} at {j}")));
+    }
+    if space.hidden_size > 1 && space.feature_stride == 0 {
+        return Err(Error::value("dst", "a tensor without overlapping elements", "an expanded view"));
+    }
+    match vals.dtype() {
+        DType::F32 => crate::dispatch_float!(dst.dtype(), T => {
+            cpu::rows::scatter_add::<T, f32>(dst, &space, &rows, vals.as_slice::<f32>()?)
+        }),
+        DType::F64 => crate::dispatch_float!(dst.dtype(), T => {
+            cpu::rows::scatter_add::<T, f64>(dst, &space, &rows, vals.as_slice::<f64>()?)
+        }),
+        other => {
+            return Err(Error::Dtype {
+                arg: "vals",
+                expected: "float32 or float64".into(),
+                got: other.to_string(),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The Python edge: the only code that names pyo3. DLPack import, argument plumbing and
+//! error mapping; all work happens in `ops`.
+
+pub mod align;
+pub mod errors;
+pub mod tensor;

@@ -1,0 +1,79 @@
+//! DLPack import of torch tensors (zero-copy) into backend-free [`TensorRef`]s.
+
+use dlpark::ffi::{DLDataType, DLDeviceType};
+use dlpark::python::{ImportedDlpack, from_dlpack};
+use pyo3::prelude::*;
+
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Device, TensorRef};
+
+/// A tensor borrowed from Python through DLPack; its memory stays alive while this lives.
+pub struct Borrowed {
+    name: &'static str,
+    owner: ImportedDlpack,
+}
+
+/// Imports `obj` (anything with `__dlpack__`) without copying.
+pub fn import(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Borrowed> {
+    let owner = from_dlpack(obj.as_borrowed(), None, None).map_err(|e| {
+        super::errors::to_pyerr(
+            obj.py(),
+            Error::value(name, "a tensor exchangeable through DLPack", e.to_string()),
+        )
+    })?;
+    Ok(Borrowed { name, owner })
+}
+
+impl Borrowed {
+    /// The validated view: dtype, device, sizes and strides checked and converted.
+    pub fn view(&self) -> Result<TensorRef<'_>> {
+        let bad = |what: &str| Error::value(self.name, "a valid DLPack tensor", what.to_string());
+        let t = self.owner.validate().map_err(|e| bad(&e.to_string()))?;
+        let dtype = dtype_of(t.dtype()).ok_or_else(|| Error::Dtype {
+            arg: self.name,
+            expected: "bool, uint8, int32, int64, float16, bfloat16, float32 or float64".into(),
+            got: format!("{:?}", t.dtype()),
+        })?;
+        let device = match t.device().device_type {
+            DLDeviceType::CPU => Device::Cpu,
+            DLDeviceType::CUDA => Device::Cuda(t.device().device_id),
+            other => {
+                return Err(Error::Device {
+                    arg: self.name,
+                    expected: "cpu or cuda".into(),
+                    got: format!("DLPack device type {}", other.0),
+                });
+            }
+        };
+        let shape: Vec<usize> = t.shape().iter().map(|&s| s as usize).collect();
+        let strides: Vec<isize> = t
+            .strides_or_compact()
+            .map_err(|e| bad(&e.to_string()))?
+            .iter()
+            .map(|&s| s as isize)
+            .collect();
+        // SAFETY: validate() checked the descriptor; byte_offset is added to the base
+        // pointer exactly as DLPack specifies and nothing is dereferenced here.
+        let ptr = unsafe { (t.data_ptr() as *mut u8).add(t.byte_offset() as usize) };
+        // SAFETY: the producer (torch) guarantees every element addressed by shape and
+        // strides lies in its allocation, which `self.owner` keeps alive for '_.
+        Ok(unsafe { TensorRef::from_raw_parts(self.name, ptr, dtype, device, shape, strides) })
+    }
+}
+
+fn dtype_of(d: DLDataType) -> Option<DType> {
+    if d.lanes != 1 {
+        return None;
+    }
+    let table = [
+        (DLDataType::BOOL, DType::Bool),
+        (DLDataType::U8, DType::U8),
+        (DLDataType::I32, DType::I32),
+        (DLDataType::I64, DType::I64),
+        (DLDataType::F16, DType::F16),
+        (DLDataType::BF16, DType::BF16),
+        (DLDataType::F32, DType::F32),
+        (DLDataType::F64, DType::F64),
+    ];
+    table.iter().find(|(dl, _)| *dl == d).map(|(_, ours)| *ours)
+}
