@@ -33,15 +33,26 @@ _HOOKED = "_hidden_align_delivery_hook"
 def _exclusively_owned(t: torch.Tensor) -> bool:
     """True when nothing but the caller's reference holds ``t`` or its storage.
 
-    Mirrors the test the autograd engine applies before accumulating in place. The counts
-    include the reference held by the caller's Python object (tensor) and the temporary
-    storage object (storage); any other holder (an aliasing gradient, a view) makes it false.
+    Mirrors the test the autograd engine applies before accumulating in place, extended to one
+    common case the engine leaves out: a view whose base only the view holds (a linear layer's
+    gradient w.r.t. a ``[B, T, H]`` input is its 2-D result reshaped). Counts include the
+    reference of the caller's Python object (tensor) and of the temporary storage object
+    (storage); any other holder (an aliasing gradient, another view) makes the answer false.
     """
     if type(t) is not torch.Tensor or t.layout != torch.strided or not t.is_contiguous():
         return False
     try:
         storage_refs = torch._C._storage_Use_Count(t.untyped_storage()._cdata)
-        return t._use_count() == 1 and storage_refs == 2
+        base = t._base
+        if base is None:
+            return t._use_count() == 1 and storage_refs == 2
+        # base refs: the view's own + this function's wrapper; storage: base + view + temporary.
+        return (
+            base._base is None
+            and t._use_count() == 1
+            and base._use_count() == 2
+            and storage_refs == 3
+        )
     except (AttributeError, RuntimeError):
         # Without the introspection hooks, copying is the safe answer.
         return False
@@ -69,6 +80,7 @@ class AnchorRowGrad(torch.Tensor):
     vals: torch.Tensor
     base: Optional[torch.Tensor]
     base_owned: bool
+    _dense: Optional[torch.Tensor]
 
     @staticmethod
     def __new__(
@@ -83,6 +95,7 @@ class AnchorRowGrad(torch.Tensor):
             cls, like.shape, dtype=like.dtype, device=like.device, requires_grad=False
         )
         t.rows, t.vals, t.base, t.base_owned = rows, vals, base, base_owned
+        t._dense = None
         return t
 
     def __init__(self, *args, **kwargs):
@@ -93,7 +106,16 @@ class AnchorRowGrad(torch.Tensor):
         return f"AnchorRowGrad({tuple(self.shape)}, {self.rows.numel()} rows over {state})"
 
     def materialize(self) -> torch.Tensor:
-        """A plain tensor with the same value; reuses ``base`` when nothing else holds it."""
+        """A plain tensor with the same value; reuses ``base`` when nothing else holds it.
+
+        Idempotent: the rows are added once, whoever asks first (a user's hook on ``hidden``
+        registered before the loss was called, or the delivery hook).
+        """
+        if self._dense is None:
+            self._dense = self._build_dense()
+        return self._dense
+
+    def _build_dense(self) -> torch.Tensor:
         if self.base is None:
             out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         elif self.base_owned or _exclusively_owned(self.base):

@@ -5,16 +5,20 @@ from __future__ import annotations
 from typing import Optional, Union
 
 import torch
-from torch.autograd.function import once_differentiable
+from torch._C import _functions as _autograd_functions
 
 from . import _native
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
-from .errors import ArgumentError
+from .errors import ArgumentError, DeviceError
 
 __all__ = ["loss"]
 
 _LOSS_TYPES = ("cosine", "centroid", "mse", "contrastive")
 _REDUCTIONS = ("mean", "sum", "none")
+_NO_DOUBLE_BACKWARD = (
+    b"hidden_align.loss supports first-order gradients only: its gradient cannot be "
+    b"differentiated again (double backward through create_graph=True)"
+)
 
 
 def _require_tensor(name: str, value, optional: bool = False) -> None:
@@ -72,7 +76,6 @@ class _AlignLoss(torch.autograd.Function):
         return value, valid, stats
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_value, _grad_valid, _grad_stats):
         hidden, rows, groups, correct = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
@@ -94,7 +97,13 @@ class _AlignLoss(torch.autograd.Function):
             float(tau),
             vals,
         )
-        return AnchorRowGrad(hidden, rows, vals), None, None, None, None, None, None
+        grad = AnchorRowGrad(hidden, rows, vals)
+        if torch.is_grad_enabled():
+            # create_graph=True: first-order values stay exact, but differentiating them again
+            # must fail loudly rather than silently treat this gradient as a constant.
+            dense = grad.materialize().detach().requires_grad_()
+            grad = _autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(dense)
+        return grad, None, None, None, None, None, None
 
 
 def loss(
@@ -162,6 +171,11 @@ def loss(
     _require_tensor("cu_seqlens", cu_seqlens, optional=True)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
         raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
+    for name, t in (("mask", mask), ("rewards", rewards), ("group_ids", group_ids), ("cu_seqlens", cu_seqlens)):
+        if t is not None and t.device != hidden.device:
+            raise DeviceError(
+                f"{name}: expected a tensor on {hidden.device} (the device of hidden), got one on {t.device}"
+            )
     if loss_type not in _LOSS_TYPES:
         raise ArgumentError(f"loss_type: expected one of {_LOSS_TYPES}, got {loss_type!r}")
     if reduction not in _REDUCTIONS:

@@ -1,0 +1,122 @@
+"""Pure-torch references written from the formulas in DESIGN section 3 (not from the kernels).
+
+Explicit loops over groups and pairs; run them in float64. Shared by tests and benches.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def anchor_rows(hidden: torch.Tensor, index: torch.Tensor) -> list:
+    """Per rollout its anchor state (a [H] tensor) or None; index is [B] (T positions or N rows)."""
+    out = []
+    for b, a in enumerate(index.tolist()):
+        if a < 0:
+            out.append(None)
+        elif hidden.dim() == 3:
+            out.append(hidden[b, a])
+        else:
+            out.append(hidden[a])
+    return out
+
+
+def mask_to_index(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool mask with at most one true per row -> [B] positions, -1 where none."""
+    has = mask.any(dim=1)
+    return torch.where(has, mask.int().argmax(dim=1), torch.full_like(has, -1, dtype=torch.long))
+
+
+def _unit(h: torch.Tensor, eps: float) -> torch.Tensor:
+    return h / h.norm().clamp_min(eps)
+
+
+def alignment_loss(
+    hidden: torch.Tensor,
+    index: torch.Tensor,
+    rewards: torch.Tensor,
+    labels: torch.Tensor,
+    loss_type: str = "cosine",
+    reduction: str = "mean",
+    threshold: float = 0.5,
+    eps: float = 1e-8,
+    tau: float = 0.1,
+):
+    """Returns (result, stats): result is a scalar, or (per_group [G], valid [G]) for 'none'."""
+    rows = anchor_rows(hidden, index)
+    if rewards.dtype == torch.bool:
+        correct = rewards.tolist()
+    else:
+        correct = [bool(r > threshold) for r in rewards.tolist()]
+    groups = sorted(set(labels.tolist()))
+    per_group, valid, cosines = [], [], []
+    zero = hidden.sum() * 0
+    for g in groups:
+        members = [b for b in range(len(rows)) if labels[b].item() == g]
+        pos = [rows[b] for b in members if correct[b] and rows[b] is not None]
+        neg = [rows[b] for b in members if not correct[b] and rows[b] is not None]
+        n = len(pos)
+        u = [_unit(h, eps) for h in pos]
+        if n >= 2:
+            pairs = [torch.dot(u[i], u[j]) for i in range(n) for j in range(n) if i != j]
+            cosines.append(torch.stack(pairs).mean().detach())
+        ok = n >= 2 and (loss_type != "contrastive" or len(neg) >= 1)
+        valid.append(ok)
+        if not ok:
+            per_group.append(zero)
+            continue
+        if loss_type == "cosine":
+            terms = [1 - torch.dot(u[i], u[j]) for i in range(n) for j in range(n) if i != j]
+            per_group.append(torch.stack(terms).mean())
+        elif loss_type == "centroid":
+            s = torch.stack(u).sum(0).detach()
+            d = s / s.norm().clamp_min(eps)
+            per_group.append(torch.stack([1 - torch.dot(ui, d) for ui in u]).mean())
+        elif loss_type == "mse":
+            m = torch.stack(pos).mean(0).detach()
+            per_group.append(torch.stack([((h - m) ** 2).sum() / h.numel() for h in pos]).mean())
+        elif loss_type == "contrastive":
+            everyone = u + [_unit(h, eps) for h in neg]
+            terms = []
+            for i in range(n):
+                logits = torch.stack([torch.dot(u[i], a) / tau for k, a in enumerate(everyone) if k != i])
+                log_p = logits - torch.logsumexp(logits, 0)
+                # the first n - 1 entries are the other correct anchors (the positives)
+                terms.append(-log_p[: n - 1].mean())
+            per_group.append(torch.stack(terms).mean())
+        else:
+            raise ValueError(loss_type)
+    values = torch.stack(per_group) if per_group else hidden.new_zeros(0)
+    valid_t = torch.tensor(valid, dtype=torch.bool)
+    nvalid = int(valid_t.sum())
+    if reduction == "mean":
+        result = values.sum() / nvalid if nvalid else values.sum() * 0
+    elif reduction == "sum":
+        result = values.sum()
+    else:
+        result = (values, valid_t)
+    stats = {
+        "mean_cosine": torch.stack(cosines).mean() if cosines else torch.tensor(float("nan")),
+        "valid_groups": nvalid,
+        "anchored_correct": sum(1 for b, r in enumerate(rows) if r is not None and correct[b]),
+    }
+    return result, stats
+
+
+def eager_alignment_loss(hidden, index, rewards, group_size, eps=1e-8):
+    """What a user would write in PyTorch for the default loss (cosine, mean): index the anchors,
+    F.normalize, a per-group similarity matrix, a masked mean over valid groups. Padded layout,
+    contiguous groups."""
+    batch = index.shape[0]
+    b = torch.arange(batch, device=index.device)
+    h = hidden[b, index.clamp_min(0)]
+    u = F.normalize(h.float(), dim=-1, eps=eps).view(batch // group_size, group_size, -1)
+    ok = ((index >= 0) & (rewards > 0.5)).view(-1, group_size)
+    eye = torch.eye(group_size, dtype=torch.bool, device=index.device)
+    pair = ok[:, :, None] & ok[:, None, :] & ~eye
+    sim = u @ u.transpose(1, 2)
+    count = pair.sum((1, 2))
+    valid = count > 0
+    per_group = 1 - (sim * pair).sum((1, 2)) / count.clamp_min(1)
+    return (per_group * valid).sum() / valid.sum().clamp_min(1)
