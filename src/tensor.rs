@@ -130,7 +130,11 @@ impl<'a> TensorRef<'a> {
 
     /// Borrows a Rust slice as a contiguous CPU tensor (used by tests and benches).
     pub fn from_slice<T: HasDType>(name: &'static str, data: &'a mut [T], shape: &[usize]) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape does not match data");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            data.len(),
+            "shape does not match data"
+        );
         // SAFETY: the slice is live and mutably borrowed for 'a; contiguous strides address
         // exactly its elements.
         unsafe {
@@ -247,7 +251,9 @@ impl<'a> TensorRef<'a> {
             // SAFETY: i < shape[0]; the TensorRef invariant covers the address, and the
             // match reads the element type the tensor declares.
             unsafe {
-                let p = self.ptr.offset((i as isize * s) * self.dtype.size() as isize);
+                let p = self
+                    .ptr
+                    .offset((i as isize * s) * self.dtype.size() as isize);
                 match self.dtype {
                     DType::Bool | DType::U8 => *p as f64,
                     DType::I32 => *(p as *const i32) as f64,
@@ -306,7 +312,11 @@ impl TensorRef<'_> {
         self.expect_dtype(&[T::DTYPE])?;
         self.expect_device(Device::Cpu)?;
         if !self.is_contiguous() {
-            return Err(Error::value(self.name, "a contiguous tensor", "a strided view"));
+            return Err(Error::value(
+                self.name,
+                "a contiguous tensor",
+                "a strided view",
+            ));
         }
         let n = self.numel();
         if n == 0 {
@@ -322,7 +332,11 @@ impl TensorRef<'_> {
         self.expect_dtype(&[T::DTYPE])?;
         self.expect_device(Device::Cpu)?;
         if !self.is_contiguous() {
-            return Err(Error::value(self.name, "a contiguous tensor", "a strided view"));
+            return Err(Error::value(
+                self.name,
+                "a contiguous tensor",
+                "a strided view",
+            ));
         }
         let n = self.numel();
         if n == 0 {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -15,12 +14,14 @@ class AlignCase:
     index: torch.Tensor  # [B] positions (padded) or rows (packed), -1 for none: for the reference
     rewards: torch.Tensor
     labels: torch.Tensor  # group label per rollout
-    group_ids: Optional[torch.Tensor]
-    group_size: Optional[int]
-    cu_seqlens: Optional[torch.Tensor]
+    group_ids: torch.Tensor | None
+    group_size: int | None
+    cu_seqlens: torch.Tensor | None
 
     def kwargs(self) -> dict:
-        return dict(group_ids=self.group_ids, group_size=self.group_size, cu_seqlens=self.cu_seqlens)
+        return dict(
+            group_ids=self.group_ids, group_size=self.group_size, cu_seqlens=self.cu_seqlens
+        )
 
 
 def make_case(
@@ -34,7 +35,7 @@ def make_case(
     dtype=torch.float64,
     anchor_prob=0.85,
     correct_prob=0.6,
-    correct: Optional[list] = None,
+    correct: list | None = None,
 ) -> AlignCase:
     if layout == "padded":
         hidden = torch.randn(batch, seq, hidden_size, dtype=torch.float64).to(dtype)

@@ -80,7 +80,9 @@ def alignment_loss(
             everyone = u + [_unit(h, eps) for h in neg]
             terms = []
             for i in range(n):
-                logits = torch.stack([torch.dot(u[i], a) / tau for k, a in enumerate(everyone) if k != i])
+                logits = torch.stack(
+                    [torch.dot(u[i], a) / tau for k, a in enumerate(everyone) if k != i]
+                )
                 log_p = logits - torch.logsumexp(logits, 0)
                 # the first n - 1 entries are the other correct anchors (the positives)
                 terms.append(-log_p[: n - 1].mean())

@@ -4,10 +4,11 @@ import itertools
 
 import pytest
 import torch
-from cases import make_case
-from reference import alignment_loss
 
 import hidden_align as ha
+
+from cases import make_case
+from reference import alignment_loss
 
 LOSS_TYPES = ["cosine", "centroid", "mse", "contrastive"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -36,7 +37,13 @@ def check_against_reference(case, loss_type, reduction, atol=1e-10, rtol=1e-9, *
     )
     h64 = case.hidden.detach().double().requires_grad_()
     ref, ref_stats = alignment_loss(
-        h64, case.index, case.rewards, case.labels, loss_type=loss_type, reduction=reduction, **extra
+        h64,
+        case.index,
+        case.rewards,
+        case.labels,
+        loss_type=loss_type,
+        reduction=reduction,
+        **extra,
     )
     if reduction == "none":
         assert torch.equal(ours[1], ref[1])
@@ -47,7 +54,11 @@ def check_against_reference(case, loss_type, reduction, atol=1e-10, rtol=1e-9, *
     assert int(stats["valid_groups"]) == ref_stats["valid_groups"]
     assert int(stats["anchored_correct"]) == ref_stats["anchored_correct"]
     torch.testing.assert_close(
-        stats["mean_cosine"].double(), ref_stats["mean_cosine"].double(), atol=atol, rtol=rtol, equal_nan=True
+        stats["mean_cosine"].double(),
+        ref_stats["mean_cosine"].double(),
+        atol=atol,
+        rtol=rtol,
+        equal_nan=True,
     )
     (g_ours,) = torch.autograd.grad(scalarize(ours), hidden, allow_unused=False)
     ref_scalar = scalarize(ref)

@@ -3,11 +3,12 @@ place into the gradient `hidden` already receives (no pass over all of `hidden`)
 
 import pytest
 import torch
-from cases import make_case
-from reference import alignment_loss
 
 import hidden_align as ha
 from hidden_align._row_grad import AnchorRowGrad
+
+from cases import make_case
+from reference import alignment_loss
 
 
 def reference_grad(hidden, case, head=None, scale=1.0):
@@ -100,6 +101,7 @@ def test_delivery_reuses_the_lm_head_gradient_buffer(align_first):
     if align_first:
         a = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
     logits = head(h)
+
     # grad_inputs[0] of the matmul node is the LM head's gradient w.r.t. hidden.
     def record_head(grad_in, grad_out):
         ptrs["head"] = grad_in[0].data_ptr()
@@ -107,6 +109,7 @@ def test_delivery_reuses_the_lm_head_gradient_buffer(align_first):
     _consumer_of(logits.grad_fn, h.grad_fn).register_hook(record_head)
     if not align_first:
         a = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
+
     def record_delivered(grad):
         ptrs["delivered"] = grad.data_ptr()
 
@@ -140,7 +143,11 @@ def test_autograd_grad_and_retain_graph():
     h_ref = x_ref * 2.0
     (head_loss(h_ref) + alignment_loss(h_ref, case.index, case.rewards, case.labels)[0]).backward()
     torch.testing.assert_close(g1, x_ref.grad)
-    (gh,) = torch.autograd.grad(ha.loss(h.detach().requires_grad_(), case.anchors, case.rewards, **case.kwargs()), x, allow_unused=True)
+    (gh,) = torch.autograd.grad(
+        ha.loss(h.detach().requires_grad_(), case.anchors, case.rewards, **case.kwargs()),
+        x,
+        allow_unused=True,
+    )
     assert gh is None
 
 
@@ -187,7 +194,9 @@ def test_hook_registered_once_per_tensor():
 def test_no_grad_and_detached_hidden():
     case = make_case()
     with torch.no_grad():
-        value = ha.loss(case.hidden.clone().requires_grad_(), case.anchors, case.rewards, **case.kwargs())
+        value = ha.loss(
+            case.hidden.clone().requires_grad_(), case.anchors, case.rewards, **case.kwargs()
+        )
     assert not value.requires_grad
     value = ha.loss(case.hidden, case.anchors, case.rewards, **case.kwargs())
     assert not value.requires_grad

@@ -6,10 +6,11 @@ most twice the error of PyTorch's own low-precision computation of the same form
 
 import pytest
 import torch
-from cases import make_case
-from reference import alignment_loss
 
 import hidden_align as ha
+
+from cases import make_case
+from reference import alignment_loss
 
 LOSS_TYPES = ["cosine", "centroid", "mse", "contrastive"]
 
@@ -67,7 +68,9 @@ def test_gradcheck(loss_type, reduction, layout):
     hidden = case.hidden.detach().clone().requires_grad_()
 
     def fn(h):
-        out = ha.loss(h, case.anchors, case.rewards, loss_type=loss_type, reduction=reduction, **case.kwargs())
+        out = ha.loss(
+            h, case.anchors, case.rewards, loss_type=loss_type, reduction=reduction, **case.kwargs()
+        )
         return out[0] if reduction == "none" else out
 
     assert torch.autograd.gradcheck(fn, (hidden,), eps=1e-6, atol=1e-7)

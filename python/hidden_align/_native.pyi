@@ -1,5 +1,4 @@
-# Type stubs of the Rust extension module. tests/test_stubs.py keeps them in sync.
-from typing import Optional
+# Type stubs of the Rust extension module. tests/test_stubs.py checks they match.
 
 import torch
 
@@ -9,9 +8,9 @@ def align_forward(
     hidden: torch.Tensor,
     mask: torch.Tensor,
     rewards: torch.Tensor,
-    group_ids: Optional[torch.Tensor],
-    group_size: Optional[int],
-    cu_seqlens: Optional[torch.Tensor],
+    group_ids: torch.Tensor | None,
+    group_size: int | None,
+    cu_seqlens: torch.Tensor | None,
     loss_type: str,
     reduction: str,
     threshold: float,

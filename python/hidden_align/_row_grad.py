@@ -18,8 +18,6 @@ consumer. Every case is exact; the common one costs O(B H).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from . import _native
@@ -78,9 +76,9 @@ class AnchorRowGrad(torch.Tensor):
 
     rows: torch.Tensor
     vals: torch.Tensor
-    base: Optional[torch.Tensor]
+    base: torch.Tensor | None
     base_owned: bool
-    _dense: Optional[torch.Tensor]
+    _dense: torch.Tensor | None
 
     @staticmethod
     def __new__(
@@ -88,7 +86,7 @@ class AnchorRowGrad(torch.Tensor):
         like: torch.Tensor,
         rows: torch.Tensor,
         vals: torch.Tensor,
-        base: Optional[torch.Tensor] = None,
+        base: torch.Tensor | None = None,
         base_owned: bool = False,
     ):
         t = torch.Tensor._make_wrapper_subclass(
@@ -168,7 +166,7 @@ def _merge(a: AnchorRowGrad, b: AnchorRowGrad) -> AnchorRowGrad:
     return AnchorRowGrad(a, rows, vals, a.base + b.base, True)
 
 
-def _deliver(grad: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def _deliver(grad: torch.Tensor | None) -> torch.Tensor | None:
     if isinstance(grad, AnchorRowGrad):
         return grad.materialize()
     return None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 import torch
 from torch._C import _functions as _autograd_functions
 
@@ -111,16 +109,16 @@ def loss(
     mask: torch.Tensor,
     rewards: torch.Tensor,
     *,
-    group_ids: Optional[torch.Tensor] = None,
-    group_size: Optional[int] = None,
+    group_ids: torch.Tensor | None = None,
+    group_size: int | None = None,
     loss_type: str = "cosine",
     reduction: str = "mean",
     threshold: float = 0.5,
     eps: float = 1e-8,
     tau: float = 0.1,
     return_stats: bool = False,
-    cu_seqlens: Optional[torch.Tensor] = None,
-) -> Union[torch.Tensor, tuple]:
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor | tuple:
     """Hidden-Align loss: pulls together the anchor hidden states of each prompt's correct rollouts.
 
     Reads only the B anchor rows of ``hidden`` (one fused gather + normalise + group reduction);
@@ -171,10 +169,16 @@ def loss(
     _require_tensor("cu_seqlens", cu_seqlens, optional=True)
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
         raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
-    for name, t in (("mask", mask), ("rewards", rewards), ("group_ids", group_ids), ("cu_seqlens", cu_seqlens)):
+    for name, t in (
+        ("mask", mask),
+        ("rewards", rewards),
+        ("group_ids", group_ids),
+        ("cu_seqlens", cu_seqlens),
+    ):
         if t is not None and t.device != hidden.device:
             raise DeviceError(
-                f"{name}: expected a tensor on {hidden.device} (the device of hidden), got one on {t.device}"
+                f"{name}: expected a tensor on {hidden.device} (the device of hidden), "
+                f"got one on {t.device}"
             )
     if loss_type not in _LOSS_TYPES:
         raise ArgumentError(f"loss_type: expected one of {_LOSS_TYPES}, got {loss_type!r}")

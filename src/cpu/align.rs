@@ -6,9 +6,9 @@
 
 use ndarray::Array2;
 use num_traits::{Float, Zero};
-use rayon::prelude::*;
 
 use super::float::{Acc, Elem};
+use super::{for_each_chunk, map_range};
 use crate::ops::align::{AlignConfig, AlignForward, AnchorPlan, LossType, Reduction, RowSpace};
 use crate::tensor::TensorRef;
 
@@ -44,31 +44,33 @@ fn gather<T: Elem>(
     let mut h = Array2::<T::Acc>::zeros((rollout.len(), hs));
     // Raw pointers are not Sync; the address crosses into the workers as an integer.
     let base = hidden.data_ptr() as usize;
-    h.axis_iter_mut(ndarray::Axis(0))
-        .into_par_iter()
-        .zip(rollout.par_iter())
-        .for_each(|(mut row, &b)| {
-            let off = space.offset(plan.rows[b] as usize);
-            let base = base as *const T;
-            for (j, x) in row.iter_mut().enumerate() {
-                // SAFETY: plan rows were checked against the row space of `hidden`, and
-                // j < H; the TensorRef invariant covers every such element.
-                *x = unsafe { *base.offset(off + j as isize * space.feature_stride) }.load();
-            }
-        });
+    let rows = h.as_slice_mut().expect("fresh arrays are contiguous");
+    for_each_chunk(rows, hs, |i, row| {
+        let off = space.offset(plan.rows[rollout[i]] as usize);
+        let base = base as *const T;
+        for (j, x) in row.iter_mut().enumerate() {
+            // SAFETY: plan rows were checked against the row space of `hidden`, and j < H;
+            // the TensorRef invariant covers every such element.
+            *x = unsafe { *base.offset(off + j as isize * space.feature_stride) }.load();
+        }
+    });
     let eps = T::Acc::of(cfg.eps);
     let mut u = h.clone();
-    let mut inv_norm = vec![T::Acc::zero(); rollout.len()];
-    let mut clamped = vec![false; rollout.len()];
-    u.axis_iter_mut(ndarray::Axis(0))
-        .into_par_iter()
-        .zip(inv_norm.par_iter_mut().zip(clamped.par_iter_mut()))
-        .for_each(|(mut row, (inv, clamp))| {
-            let norm = row.iter().map(|&x| x * x).sum::<T::Acc>().sqrt();
-            *clamp = !(norm > eps);
-            *inv = if *clamp { eps.recip() } else { norm.recip() };
-            row.iter_mut().for_each(|x| *x *= *inv);
-        });
+    // Per row: 1 / max(||h||, eps) and whether the clamp was hit.
+    let scales: Vec<(T::Acc, bool)> = map_range(rollout.len(), rollout.len() * hs, |i| {
+        let hr = row(&h, i);
+        let norm = dot(hr, hr).sqrt();
+        if norm <= eps {
+            (eps.recip(), true)
+        } else {
+            (norm.recip(), false)
+        }
+    });
+    for_each_chunk(u.as_slice_mut().expect("contiguous"), hs, |i, row| {
+        row.iter_mut().for_each(|x| *x *= scales[i].0);
+    });
+    let inv_norm = scales.iter().map(|s| s.0).collect();
+    let clamped = scales.iter().map(|s| s.1).collect();
     let mut correct = vec![Vec::new(); plan.num_groups];
     let mut negative = vec![Vec::new(); plan.num_groups];
     for (i, &b) in rollout.iter().enumerate() {
@@ -88,6 +90,16 @@ fn gather<T: Elem>(
         correct,
         negative,
     }
+}
+
+/// Element operations of the per-group pass (for choosing between sequential and parallel).
+fn gather_work<A>(a: &Anchored<A>, cfg: &AlignConfig) -> usize {
+    let pairs = if cfg.loss_type == LossType::Contrastive {
+        a.rollout.len().max(1)
+    } else {
+        2
+    };
+    a.u.len() * pairs
 }
 
 fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
@@ -118,7 +130,10 @@ fn is_valid(cfg: &AlignConfig, n: usize, negatives: usize) -> bool {
 fn pair_cosine<A: Acc>(a: &Anchored<A>, members: &[usize]) -> A {
     let n = A::of(members.len() as f64);
     let s = sum_rows(&a.u, members);
-    let self_sq: A = members.iter().map(|&i| dot(row(&a.u, i), row(&a.u, i))).sum();
+    let self_sq: A = members
+        .iter()
+        .map(|&i| dot(row(&a.u, i), row(&a.u, i)))
+        .sum();
     (dot(&s, &s) - self_sq) / (n * (n - A::one()))
 }
 
@@ -131,14 +146,24 @@ fn group_loss<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
         LossType::Centroid => {
             let s = sum_rows(&a.u, members);
             let dir = unit(&s, A::of(cfg.eps));
-            members.iter().map(|&i| A::one() - dot(row(&a.u, i), &dir)).sum::<A>() / n
+            members
+                .iter()
+                .map(|&i| A::one() - dot(row(&a.u, i), &dir))
+                .sum::<A>()
+                / n
         }
         LossType::Mse => {
             let mean: Vec<A> = sum_rows(&a.h, members).into_iter().map(|x| x / n).collect();
             let h = A::of(a.h.ncols() as f64);
             members
                 .iter()
-                .map(|&i| row(&a.h, i).iter().zip(&mean).map(|(&x, &m)| (x - m) * (x - m)).sum::<A>())
+                .map(|&i| {
+                    row(&a.h, i)
+                        .iter()
+                        .zip(&mean)
+                        .map(|(&x, &m)| (x - m) * (x - m))
+                        .sum::<A>()
+                })
                 .sum::<A>()
                 / (n * h)
         }
@@ -161,7 +186,11 @@ fn group_loss<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
 
 fn unit<A: Acc>(s: &[A], eps: A) -> Vec<A> {
     let norm = dot(s, s).sqrt();
-    let inv = if norm > eps { norm.recip() } else { eps.recip() };
+    let inv = if norm > eps {
+        norm.recip()
+    } else {
+        eps.recip()
+    };
     s.iter().map(|&x| x * inv).collect()
 }
 
@@ -199,16 +228,18 @@ pub fn forward<T: Elem>(
     cfg: &AlignConfig,
 ) -> AlignForward {
     let a = gather::<T>(hidden, space, plan, cfg);
-    let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> = (0..plan.num_groups)
-        .into_par_iter()
-        .map(|g| {
-            let n = a.correct[g].len();
-            let valid = is_valid(cfg, n, a.negative[g].len());
-            let loss = if valid { group_loss(&a, cfg, g) } else { T::Acc::zero() };
-            let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
-            (loss, valid, cosine)
-        })
-        .collect();
+    let work = gather_work(&a, cfg);
+    let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> = map_range(plan.num_groups, work, |g| {
+        let n = a.correct[g].len();
+        let valid = is_valid(cfg, n, a.negative[g].len());
+        let loss = if valid {
+            group_loss(&a, cfg, g)
+        } else {
+            T::Acc::zero()
+        };
+        let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
+        (loss, valid, cosine)
+    });
     let valid_groups = per_group.iter().filter(|p| p.1).count();
     let total: T::Acc = per_group.iter().map(|p| p.0).sum();
     let loss = match cfg.reduction {
@@ -255,10 +286,14 @@ pub fn backward<T: Elem>(
         }
     };
     // Gradient w.r.t. u (or h for mse) of every gathered row; groups own disjoint rows.
-    let per_group: Vec<Vec<(usize, Vec<T::Acc>)>> = (0..plan.num_groups)
-        .into_par_iter()
-        .map(|g| if valid[g] { group_grad(&a, cfg, g, weight(g)) } else { Vec::new() })
-        .collect();
+    let work = gather_work(&a, cfg);
+    let per_group: Vec<Vec<(usize, Vec<T::Acc>)>> = map_range(plan.num_groups, work, |g| {
+        if valid[g] {
+            group_grad(&a, cfg, g, weight(g))
+        } else {
+            Vec::new()
+        }
+    });
     let hs = space.hidden_size;
     let mut grad_of_row: Vec<Option<Vec<T::Acc>>> = vec![None; a.rollout.len()];
     for (i, gu) in per_group.into_iter().flatten() {
@@ -269,8 +304,8 @@ pub fn backward<T: Elem>(
         slot[b] = Some(i);
     }
     let raw_grad = cfg.loss_type == LossType::Mse;
-    out.par_chunks_mut(hs.max(1)).zip(slot.par_iter()).for_each(|(dst, s)| {
-        let gu = s.and_then(|i| grad_of_row[i].as_ref().map(|gu| (i, gu)));
+    for_each_chunk(out, hs, |b, dst| {
+        let gu = slot[b].and_then(|i| grad_of_row[i].as_ref().map(|gu| (i, gu)));
         let Some((i, gu)) = gu else {
             dst.iter_mut().for_each(|x| *x = T::Acc::zero());
             return;
@@ -282,7 +317,11 @@ pub fn backward<T: Elem>(
         // Chain through u = h / max(||h||, eps): (g - (u.g) u) / ||h||, or g / eps when clamped.
         let u = row(&a.u, i);
         let inv = a.inv_norm[i];
-        let proj = if a.clamped[i] { T::Acc::zero() } else { dot(u, gu) };
+        let proj = if a.clamped[i] {
+            T::Acc::zero()
+        } else {
+            dot(u, gu)
+        };
         for ((d, &g), &ui) in dst.iter_mut().zip(gu).zip(u) {
             *d = (g - proj * ui) * inv;
         }
@@ -299,20 +338,40 @@ fn group_grad<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize, w: A) -> Vec
             let scale = -A::of(2.0) * w / (n * (n - A::one()));
             members
                 .iter()
-                .map(|&i| (i, s.iter().zip(row(&a.u, i)).map(|(&sj, &uj)| scale * (sj - uj)).collect()))
+                .map(|&i| {
+                    (
+                        i,
+                        s.iter()
+                            .zip(row(&a.u, i))
+                            .map(|(&sj, &uj)| scale * (sj - uj))
+                            .collect(),
+                    )
+                })
                 .collect()
         }
         LossType::Centroid => {
             let dir = unit(&sum_rows(&a.u, members), A::of(cfg.eps));
             let scale = -w / n;
-            members.iter().map(|&i| (i, dir.iter().map(|&d| scale * d).collect())).collect()
+            members
+                .iter()
+                .map(|&i| (i, dir.iter().map(|&d| scale * d).collect()))
+                .collect()
         }
         LossType::Mse => {
             let mean: Vec<A> = sum_rows(&a.h, members).into_iter().map(|x| x / n).collect();
             let scale = A::of(2.0) * w / (n * A::of(a.h.ncols() as f64));
             members
                 .iter()
-                .map(|&i| (i, row(&a.h, i).iter().zip(&mean).map(|(&x, &m)| scale * (x - m)).collect()))
+                .map(|&i| {
+                    (
+                        i,
+                        row(&a.h, i)
+                            .iter()
+                            .zip(&mean)
+                            .map(|(&x, &m)| scale * (x - m))
+                            .collect(),
+                    )
+                })
                 .collect()
         }
         LossType::Contrastive => {

@@ -1,8 +1,7 @@
 //! CPU kernel of the in-place row scatter-add.
 
-use rayon::prelude::*;
-
 use super::float::{Acc, Elem};
+use super::map_range;
 use crate::ops::align::RowSpace;
 use crate::tensor::TensorRef;
 
@@ -11,11 +10,16 @@ use crate::tensor::TensorRef;
 const COLUMNS_PER_TASK: usize = 256;
 
 /// `dst[rows[j]] += vals[j]`; see [`crate::ops::rows::scatter_add`].
-pub fn scatter_add<T: Elem, V: Acc>(dst: &mut TensorRef, space: &RowSpace, rows: &[i64], vals: &[V]) {
+pub fn scatter_add<T: Elem, V: Acc>(
+    dst: &mut TensorRef,
+    space: &RowSpace,
+    rows: &[i64],
+    vals: &[V],
+) {
     let hs = space.hidden_size;
     let base = dst.data_ptr() as usize;
     let chunks = hs.div_ceil(COLUMNS_PER_TASK);
-    (0..chunks).into_par_iter().for_each(|c| {
+    map_range(chunks, rows.len() * hs, |c| {
         let (lo, hi) = (c * COLUMNS_PER_TASK, ((c + 1) * COLUMNS_PER_TASK).min(hs));
         let p = base as *mut T;
         for (j, &r) in rows.iter().enumerate() {

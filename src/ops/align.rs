@@ -169,7 +169,8 @@ impl RowSpace {
 
     /// Element offset of the first feature of flat row `row` (< `rows`).
     pub fn offset(&self, row: usize) -> isize {
-        (row / self.inner) as isize * self.outer_stride + (row % self.inner) as isize * self.inner_stride
+        (row / self.inner) as isize * self.outer_stride
+            + (row % self.inner) as isize * self.inner_stride
     }
 }
 
@@ -238,10 +239,18 @@ pub fn plan(
         return Err(Error::value("threshold", "a finite number", threshold));
     }
     let correct: Vec<bool> = if rewards.dtype() == DType::Bool {
-        rewards.to_f64_vec()?.into_iter().map(|r| r != 0.0).collect()
+        rewards
+            .to_f64_vec()?
+            .into_iter()
+            .map(|r| r != 0.0)
+            .collect()
     } else {
         // NaN rewards compare false: a NaN-scored rollout counts as incorrect.
-        rewards.to_f64_vec()?.into_iter().map(|r| r > threshold).collect()
+        rewards
+            .to_f64_vec()?
+            .into_iter()
+            .map(|r| r > threshold)
+            .collect()
     };
     if !space.packed && hidden.shape()[0] != batch {
         return Err(Error::Shape {
@@ -295,7 +304,9 @@ fn segments_of(cu: &TensorRef, batch: usize, rows: usize) -> Result<Vec<(usize, 
             format!("{v:?}"),
         ));
     }
-    Ok(v.windows(2).map(|w| (w[0] as usize, w[1] as usize)).collect())
+    Ok(v.windows(2)
+        .map(|w| (w[0] as usize, w[1] as usize))
+        .collect())
 }
 
 fn rows_from_mask(
@@ -315,7 +326,11 @@ fn rows_from_mask(
             ));
         };
         if mask.shape() != [space.rows] {
-            return Err(Error::shape("mask", format!("[N] = [{}]", space.rows), mask.shape()));
+            return Err(Error::shape(
+                "mask",
+                format!("[N] = [{}]", space.rows),
+                mask.shape(),
+            ));
         }
         (read_bool_flat(mask)?, segments.to_vec())
     } else {
@@ -327,7 +342,10 @@ fn rows_from_mask(
             ));
         }
         let t = space.inner;
-        (read_bool_flat(mask)?, (0..batch).map(|b| (b * t, (b + 1) * t)).collect())
+        (
+            read_bool_flat(mask)?,
+            (0..batch).map(|b| (b * t, (b + 1) * t)).collect(),
+        )
     };
     let mut rows = vec![-1i64; batch];
     for (b, &(lo, hi)) in segments.iter().enumerate() {
@@ -353,7 +371,11 @@ fn read_bool_flat(mask: &TensorRef) -> Result<Vec<bool>> {
     let p = mask.data_ptr() as *const u8;
     let mut index = vec![0usize; shape.len()];
     for _ in 0..mask.numel() {
-        let off: isize = index.iter().zip(strides).map(|(&i, &s)| i as isize * s).sum();
+        let off: isize = index
+            .iter()
+            .zip(strides)
+            .map(|(&i, &s)| i as isize * s)
+            .sum();
         // SAFETY: index < shape in every dimension, covered by the TensorRef invariant;
         // bool and uint8 are one byte each.
         out.push(unsafe { *p.offset(off) } != 0);
@@ -382,10 +404,22 @@ fn rows_from_index(
         });
     }
     if index.shape() != [batch] {
-        return Err(Error::shape("mask", format!("an index [B] = [{batch}]"), index.shape()));
+        return Err(Error::shape(
+            "mask",
+            format!("an index [B] = [{batch}]"),
+            index.shape(),
+        ));
     }
-    let limit = if space.packed { space.rows } else { space.inner };
-    let what = if space.packed { "a row in [0, N)" } else { "a position in [0, T)" };
+    let limit = if space.packed {
+        space.rows
+    } else {
+        space.inner
+    };
+    let what = if space.packed {
+        "a row in [0, N)"
+    } else {
+        "a position in [0, T)"
+    };
     index
         .to_i64_vec()?
         .into_iter()
@@ -411,7 +445,11 @@ fn rows_from_index(
                     ));
                 }
             }
-            Ok(if space.packed { i } else { (b * space.inner) as i64 + i })
+            Ok(if space.packed {
+                i
+            } else {
+                (b * space.inner) as i64 + i
+            })
         })
         .collect()
 }
@@ -428,7 +466,11 @@ fn dense_groups(grouping: &Grouping, batch: usize) -> Result<(Vec<usize>, usize)
         Grouping::Size(g) => Ok(((0..batch).map(|b| b / g).collect(), batch / g)),
         Grouping::Ids(ids) => {
             if ids.shape() != [batch] {
-                return Err(Error::shape("group_ids", format!("[B] = [{batch}]"), ids.shape()));
+                return Err(Error::shape(
+                    "group_ids",
+                    format!("[B] = [{batch}]"),
+                    ids.shape(),
+                ));
             }
             let labels = ids.to_i64_vec().map_err(|e| match e {
                 Error::Dtype { got, .. } => Error::Dtype {
@@ -443,7 +485,11 @@ fn dense_groups(grouping: &Grouping, batch: usize) -> Result<(Vec<usize>, usize)
             unique.dedup();
             let dense = labels
                 .iter()
-                .map(|l| unique.binary_search(l).expect("label is in its own sorted set"))
+                .map(|l| {
+                    unique
+                        .binary_search(l)
+                        .expect("label is in its own sorted set")
+                })
                 .collect();
             Ok((dense, unique.len()))
         }
@@ -487,9 +533,17 @@ pub fn backward(
 ) -> Result<()> {
     let space = RowSpace::of(hidden)?;
     check_plan_rows(plan, &space)?;
-    let want = if cfg.reduction == Reduction::None { plan.num_groups } else { 1 };
+    let want = if cfg.reduction == Reduction::None {
+        plan.num_groups
+    } else {
+        1
+    };
     if upstream.len() != want {
-        return Err(Error::value("grad_output", format!("{want} values"), upstream.len()));
+        return Err(Error::value(
+            "grad_output",
+            format!("{want} values"),
+            upstream.len(),
+        ));
     }
     if grad_rows.shape() != [plan.batch(), space.hidden_size] {
         return Err(Error::shape(
@@ -516,11 +570,163 @@ fn check_plan_rows(plan: &AnchorPlan, space: &RowSpace) -> Result<()> {
     }
     for (b, &r) in plan.rows.iter().enumerate() {
         if r < -1 || r >= space.rows as i64 {
-            return Err(Error::value("rows", format!("-1 or a row below {}", space.rows), format!("{r} for rollout {b}")));
+            return Err(Error::value(
+                "rows",
+                format!("-1 or a row below {}", space.rows),
+                format!("{r} for rollout {b}"),
+            ));
         }
     }
     if plan.group.iter().any(|&g| g >= plan.num_groups) {
-        return Err(Error::value("groups", format!("indices below {}", plan.num_groups), "a larger index"));
+        return Err(Error::value(
+            "groups",
+            format!("indices below {}", plan.num_groups),
+            "a larger index",
+        ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hidden(data: &mut [f32], b: usize, t: usize, h: usize) -> TensorRef<'_> {
+        TensorRef::from_slice("hidden", data, &[b, t, h])
+    }
+
+    #[test]
+    fn mask_with_two_anchors_in_a_row_is_refused() {
+        let mut h = vec![0f32; 2 * 3 * 2];
+        let mut m = vec![false, true, true, false, false, true];
+        let mut r = vec![1f32, 1.0];
+        let err = plan(
+            &hidden(&mut h, 2, 3, 2),
+            &Anchors::Mask(TensorRef::from_slice("mask", &mut m, &[2, 3])),
+            &TensorRef::from_slice("rewards", &mut r, &[2]),
+            &Grouping::Size(2),
+            0.5,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Value { arg: "mask", .. }), "{err}");
+    }
+
+    #[test]
+    fn labels_become_dense_indices_in_sorted_order() {
+        let mut h = vec![0f32; 4 * 2 * 1];
+        let mut idx = vec![0i64, 1, -1, 0];
+        let mut r = vec![1f32, 0.0, 1.0, 0.7];
+        let mut ids = vec![42i64, -3, 42, 7];
+        let p = plan(
+            &hidden(&mut h, 4, 2, 1),
+            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[4])),
+            &TensorRef::from_slice("rewards", &mut r, &[4]),
+            &Grouping::Ids(TensorRef::from_slice("group_ids", &mut ids, &[4])),
+            0.5,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.group, vec![2, 0, 2, 1]);
+        assert_eq!(p.num_groups, 3);
+        assert_eq!(p.rows, vec![0, 3, -1, 6]);
+        assert_eq!(p.correct, vec![true, false, true, true]);
+    }
+
+    #[test]
+    fn group_size_must_divide_the_batch() {
+        let mut h = vec![0f32; 3];
+        let mut idx = vec![0i64, 0, 0];
+        let mut r = vec![1f32; 3];
+        let err = plan(
+            &hidden(&mut h, 3, 1, 1),
+            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[3])),
+            &TensorRef::from_slice("rewards", &mut r, &[3]),
+            &Grouping::Size(2),
+            0.5,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("group_size: expected a divisor"),
+            "{err}"
+        );
+    }
+
+    /// Forward of the cosine loss against explicit pairwise loops, backward against central
+    /// finite differences.
+    #[test]
+    fn cosine_matches_pairwise_loops_and_finite_differences() {
+        let (b, t, h) = (6usize, 3usize, 4usize);
+        let mut data: Vec<f64> = (0..b * t * h)
+            .map(|i| ((i * 37 % 11) as f64 - 5.0) / 3.0)
+            .collect();
+        let rows_in_t = [0i64, 2, 1, -1, 2, 0];
+        let correct = [true, true, true, true, false, true];
+        let plan = AnchorPlan {
+            rows: rows_in_t
+                .iter()
+                .enumerate()
+                .map(|(i, &a)| if a < 0 { -1 } else { (i * t) as i64 + a })
+                .collect(),
+            group: vec![0, 0, 0, 1, 1, 1],
+            correct: correct.to_vec(),
+            num_groups: 2,
+        };
+        let cfg = AlignConfig::new("cosine", "mean", 1e-8, 0.1).unwrap();
+        let loss_of = |data: &mut [f64]| {
+            let hv = TensorRef::from_slice("hidden", data, &[b, t, h]);
+            forward(&hv, &plan, &cfg).unwrap().loss
+        };
+        // Only group 0 is valid (group 1 has one anchored correct rollout).
+        let unit = |data: &[f64], i: usize| -> Vec<f64> {
+            let r = plan.rows[i] as usize * h;
+            let v = &data[r..r + h];
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            v.iter().map(|x| x / n).collect()
+        };
+        let mut pair_sum = 0.0;
+        for i in 0..3 {
+            for j in 0..3 {
+                if i != j {
+                    let (ui, uj) = (unit(&data, i), unit(&data, j));
+                    pair_sum += 1.0 - ui.iter().zip(&uj).map(|(a, b)| a * b).sum::<f64>();
+                }
+            }
+        }
+        let got = loss_of(&mut data);
+        assert!(
+            (got - pair_sum / 6.0).abs() < 1e-12,
+            "{got} vs {}",
+            pair_sum / 6.0
+        );
+
+        let mut grad = vec![0f64; b * h];
+        {
+            let hv = TensorRef::from_slice("hidden", &mut data, &[b, t, h]);
+            let mut gv = TensorRef::from_slice("grad_rows", &mut grad, &[b, h]);
+            backward(&hv, &plan, &cfg, &[1.0], &mut gv).unwrap();
+        }
+        for (rollout, &row) in plan.rows.iter().enumerate() {
+            for k in 0..h {
+                let numeric = if row < 0 {
+                    0.0
+                } else {
+                    let at = row as usize * h + k;
+                    let keep = data[at];
+                    data[at] = keep + 1e-6;
+                    let up = loss_of(&mut data);
+                    data[at] = keep - 1e-6;
+                    let down = loss_of(&mut data);
+                    data[at] = keep;
+                    (up - down) / 2e-6
+                };
+                let analytic = grad[rollout * h + k];
+                assert!(
+                    (numeric - analytic).abs() < 1e-6,
+                    "rollout {rollout} k {k}: {numeric} vs {analytic}"
+                );
+            }
+        }
+    }
 }

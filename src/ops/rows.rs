@@ -23,11 +23,23 @@ pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> R
             vals.shape(),
         ));
     }
-    if let Some((j, r)) = rows.iter().enumerate().find(|(_, r)| **r < -1 || **r >= space.rows as i64) {
-        return Err(Error::value("rows", format!("-1 or a row below {}", space.rows), format!("{r} at {j}")));
+    if let Some((j, r)) = rows
+        .iter()
+        .enumerate()
+        .find(|(_, r)| **r < -1 || **r >= space.rows as i64)
+    {
+        return Err(Error::value(
+            "rows",
+            format!("-1 or a row below {}", space.rows),
+            format!("{r} at {j}"),
+        ));
     }
     if space.hidden_size > 1 && space.feature_stride == 0 {
-        return Err(Error::value("dst", "a tensor without overlapping elements", "an expanded view"));
+        return Err(Error::value(
+            "dst",
+            "a tensor without overlapping elements",
+            "an expanded view",
+        ));
     }
     match vals.dtype() {
         DType::F32 => crate::dispatch_float!(dst.dtype(), T => {

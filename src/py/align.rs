@@ -20,12 +20,22 @@ fn view_opt(b: &Option<Borrowed>) -> Result<Option<TensorRef<'_>>> {
 /// Writes `vals` into a contiguous float32/float64 output.
 fn write_floats(out: &mut TensorRef, vals: impl ExactSizeIterator<Item = f64>) -> Result<()> {
     if out.numel() < vals.len() {
-        return Err(Error::shape(out.name(), format!("at least {} elements", vals.len()), out.shape()));
+        return Err(Error::shape(
+            out.name(),
+            format!("at least {} elements", vals.len()),
+            out.shape(),
+        ));
     }
     match out.dtype() {
         // SAFETY (both arms): outputs are fresh tensors allocated for this call.
-        DType::F64 => unsafe { out.as_mut_slice::<f64>()? }.iter_mut().zip(vals).for_each(|(o, v)| *o = v),
-        _ => unsafe { out.as_mut_slice::<f32>()? }.iter_mut().zip(vals).for_each(|(o, v)| *o = v as f32),
+        DType::F64 => unsafe { out.as_mut_slice::<f64>()? }
+            .iter_mut()
+            .zip(vals)
+            .for_each(|(o, v)| *o = v),
+        _ => unsafe { out.as_mut_slice::<f32>()? }
+            .iter_mut()
+            .zip(vals)
+            .for_each(|(o, v)| *o = v as f32),
     }
     Ok(())
 }
@@ -101,10 +111,18 @@ pub fn align_forward(
             (None, Some(g)) if g >= 0 => Grouping::Size(g as usize),
             (None, Some(g)) => return Err(Error::value("group_size", "a positive integer", g)),
             (Some(_), Some(_)) => {
-                return Err(Error::value("group_ids", "exactly one of group_ids and group_size", "both"));
+                return Err(Error::value(
+                    "group_ids",
+                    "exactly one of group_ids and group_size",
+                    "both",
+                ));
             }
             (None, None) => {
-                return Err(Error::value("group_ids", "exactly one of group_ids and group_size", "neither"));
+                return Err(Error::value(
+                    "group_ids",
+                    "exactly one of group_ids and group_size",
+                    "neither",
+                ));
             }
         };
         let plan = align::plan(
@@ -122,7 +140,12 @@ pub fn align_forward(
         write_bools(&mut v[2], &plan.correct)?;
         write_floats(&mut v[3], fwd.group_loss.iter().copied())?;
         write_bools(&mut v[4], &fwd.group_valid)?;
-        let scalars = [fwd.loss, fwd.mean_cosine, fwd.valid_groups as f64, fwd.anchored_correct as f64];
+        let scalars = [
+            fwd.loss,
+            fwd.mean_cosine,
+            fwd.valid_groups as f64,
+            fwd.anchored_correct as f64,
+        ];
         write_floats(&mut v[5], scalars.into_iter())?;
         Ok(plan.num_groups)
     })
@@ -159,8 +182,18 @@ pub fn align_backward(
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
         let plan = AnchorPlan {
             rows: rows.view()?.to_i64_vec()?,
-            group: groups.view()?.to_i64_vec()?.into_iter().map(|g| g as usize).collect(),
-            correct: correct.view()?.to_f64_vec()?.into_iter().map(|c| c != 0.0).collect(),
+            group: groups
+                .view()?
+                .to_i64_vec()?
+                .into_iter()
+                .map(|g| g as usize)
+                .collect(),
+            correct: correct
+                .view()?
+                .to_f64_vec()?
+                .into_iter()
+                .map(|c| c != 0.0)
+                .collect(),
             num_groups,
         };
         let grad = grad_output.view()?;
@@ -178,7 +211,16 @@ pub fn align_backward(
 /// A 0-d tensor seen as `[1]`.
 fn reshape_scalar(t: TensorRef<'_>) -> TensorRef<'_> {
     // SAFETY: same pointer, one element, which the 0-d tensor owns.
-    unsafe { TensorRef::from_raw_parts(t.name(), t.data_ptr(), t.dtype(), t.device(), vec![1], vec![1]) }
+    unsafe {
+        TensorRef::from_raw_parts(
+            t.name(),
+            t.data_ptr(),
+            t.dtype(),
+            t.device(),
+            vec![1],
+            vec![1],
+        )
+    }
 }
 
 /// `dst[rows[j]] += vals[j]` in place (see `ops::rows::scatter_add`).
