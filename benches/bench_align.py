@@ -99,7 +99,8 @@ def main():
         loss_rows = bench_loss(hidden, index, rewards, g, args.reps, providers)
         ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
         table = [
-            (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x") for name, f, b in loss_rows
+            (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x")
+            for name, f, b in loss_rows
         ]
         print(
             write_table(
@@ -109,7 +110,9 @@ def main():
                 table,
             )
         )
-        step_rows = bench_step(hidden, index, rewards, g, args.reps, {"eager": eager, "hidden_align": ours})
+        step_rows = bench_step(
+            hidden, index, rewards, g, args.reps, {"eager": eager, "hidden_align": ours}
+        )
         base = step_rows[0][1]
         table = [
             (name, ms(t), "-" if i == 0 else f"+{100 * (t / base - 1):.1f}%")

@@ -18,6 +18,11 @@ mod py;
 mod _native {
     #[pymodule_export]
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
+    #[pymodule_export]
+    use crate::py::dapo::{
+        dynamic_sampling_mask, group_advantages, overlong_penalty, policy_loss_backward,
+        policy_loss_forward,
+    };
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

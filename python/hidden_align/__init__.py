@@ -2,8 +2,10 @@
 
 >>> import hidden_align as ha
 >>> align = ha.loss(hidden, anchors, rewards, group_ids=uid)   # autograd scalar
+>>> pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_mask)
 """
 
+from . import dapo
 from ._native import __version__
 from .align import loss
 from .errors import (
@@ -25,5 +27,6 @@ __all__ = [
     "KernelError",
     "ShapeError",
     "__version__",
+    "dapo",
     "loss",
 ]

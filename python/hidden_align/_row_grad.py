@@ -168,7 +168,11 @@ def _merge(a: AnchorRowGrad, b: AnchorRowGrad) -> AnchorRowGrad:
 
 def _deliver(grad: torch.Tensor | None) -> torch.Tensor | None:
     if isinstance(grad, AnchorRowGrad):
-        return grad.materialize()
+        dense = grad.materialize()
+        # Drop our references so the engine may steal the buffer (a leaf's AccumulateGrad
+        # copies a gradient anyone else still holds).
+        grad._dense = grad.base = None
+        return dense
     return None
 
 

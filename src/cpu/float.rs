@@ -116,3 +116,108 @@ macro_rules! dispatch_float {
         }
     };
 }
+
+/// Any element type read as a number (masks, lengths, metrics, labels).
+pub trait Scalar: HasDType {
+    /// The value as f64 (`true` is 1).
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! scalar_as {
+    ($($t:ty),*) => { $(impl Scalar for $t { fn to_f64(self) -> f64 { self as f64 } })* };
+}
+scalar_as!(u8, i32, i64, f32, f64);
+
+impl Scalar for bool {
+    fn to_f64(self) -> f64 {
+        if self { 1.0 } else { 0.0 }
+    }
+}
+impl Scalar for half::f16 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+impl Scalar for half::bf16 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+/// Runs `$body` with `$t` bound to the Rust type of any [`crate::tensor::DType`].
+#[macro_export]
+#[doc(hidden)]
+macro_rules! dispatch_any {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            $crate::tensor::DType::Bool => {
+                type $t = bool;
+                $body
+            }
+            $crate::tensor::DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            $crate::tensor::DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            $crate::tensor::DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            $crate::tensor::DType::F16 => {
+                type $t = half::f16;
+                $body
+            }
+            $crate::tensor::DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            $crate::tensor::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            $crate::tensor::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+        }
+    };
+}
+
+/// A strided 2-D read view: element `(r, c)` at `base + r * rs + c * cs` (a stride of 0
+/// broadcasts, e.g. per-rollout advantages over tokens).
+#[derive(Clone, Copy)]
+pub struct Strided2 {
+    base: usize,
+    rs: isize,
+    cs: isize,
+}
+
+impl Strided2 {
+    /// View of a `[R, C]` tensor, or of a `[R]` tensor broadcast over columns.
+    pub fn of(t: &crate::tensor::TensorRef) -> Self {
+        let st = t.strides();
+        let (rs, cs) = match st.len() {
+            2 => (st[0], st[1]),
+            1 => (st[0], 0),
+            _ => (0, 0),
+        };
+        Strided2 {
+            base: t.data_ptr() as usize,
+            rs,
+            cs,
+        }
+    }
+
+    /// Reads element `(r, c)`.
+    ///
+    /// # Safety
+    /// `(r, c)` must be inside the tensor this view was made of, and `T` its element type.
+    #[inline(always)]
+    pub unsafe fn get<T: Copy>(&self, r: usize, c: usize) -> T {
+        // SAFETY: the caller keeps (r, c) in bounds and T the element type.
+        unsafe { *(self.base as *const T).offset(r as isize * self.rs + c as isize * self.cs) }
+    }
+}

@@ -8,6 +8,8 @@ use std::str::FromStr;
 
 use crate::cpu;
 use crate::error::{Error, Result};
+pub use crate::ops::groups::Grouping;
+use crate::ops::groups::dense_groups;
 use crate::tensor::{DType, Device, TensorRef};
 
 /// The per-group loss (DESIGN section 3).
@@ -105,14 +107,6 @@ pub enum Anchors<'a> {
     Mask(TensorRef<'a>),
     /// int64 `[B]`: position in `T` (padded) or row in `N` (packed); -1 for no anchor.
     Index(TensorRef<'a>),
-}
-
-/// How rollouts are grouped.
-pub enum Grouping<'a> {
-    /// int64 labels `[B]`, any order, not necessarily contiguous.
-    Ids(TensorRef<'a>),
-    /// Contiguous blocks of this many rollouts.
-    Size(usize),
 }
 
 /// How a flat row index maps into `hidden`: padded `[B, T, H]` rows are `b * T + t`,
@@ -452,48 +446,6 @@ fn rows_from_index(
             })
         })
         .collect()
-}
-
-/// Labels → dense indices in sorted label order (the order of `torch.unique`).
-fn dense_groups(grouping: &Grouping, batch: usize) -> Result<(Vec<usize>, usize)> {
-    match grouping {
-        Grouping::Size(0) => Err(Error::value("group_size", "a positive integer", 0)),
-        Grouping::Size(g) if batch % g != 0 => Err(Error::value(
-            "group_size",
-            format!("a divisor of the batch size B = {batch}"),
-            g,
-        )),
-        Grouping::Size(g) => Ok(((0..batch).map(|b| b / g).collect(), batch / g)),
-        Grouping::Ids(ids) => {
-            if ids.shape() != [batch] {
-                return Err(Error::shape(
-                    "group_ids",
-                    format!("[B] = [{batch}]"),
-                    ids.shape(),
-                ));
-            }
-            let labels = ids.to_i64_vec().map_err(|e| match e {
-                Error::Dtype { got, .. } => Error::Dtype {
-                    arg: "group_ids",
-                    expected: "int64 or int32".into(),
-                    got,
-                },
-                other => other,
-            })?;
-            let mut unique = labels.clone();
-            unique.sort_unstable();
-            unique.dedup();
-            let dense = labels
-                .iter()
-                .map(|l| {
-                    unique
-                        .binary_search(l)
-                        .expect("label is in its own sorted set")
-                })
-                .collect();
-            Ok((dense, unique.len()))
-        }
-    }
 }
 
 /// Result of the forward pass, in the accumulator precision widened to f64.

@@ -4,8 +4,8 @@
 use pyo3::prelude::*;
 
 use super::errors::run;
-use super::tensor::{Borrowed, import};
-use crate::error::{Error, Result};
+use super::tensor::{Borrowed, import, write_floats};
+use crate::error::Result;
 use crate::ops::align::{self, AlignConfig, AnchorPlan, Anchors, Grouping};
 use crate::tensor::{DType, TensorRef};
 
@@ -15,29 +15,6 @@ fn import_opt(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Op
 
 fn view_opt(b: &Option<Borrowed>) -> Result<Option<TensorRef<'_>>> {
     b.as_ref().map(Borrowed::view).transpose()
-}
-
-/// Writes `vals` into a contiguous float32/float64 output.
-fn write_floats(out: &mut TensorRef, vals: impl ExactSizeIterator<Item = f64>) -> Result<()> {
-    if out.numel() < vals.len() {
-        return Err(Error::shape(
-            out.name(),
-            format!("at least {} elements", vals.len()),
-            out.shape(),
-        ));
-    }
-    match out.dtype() {
-        // SAFETY (both arms): outputs are fresh tensors allocated for this call.
-        DType::F64 => unsafe { out.as_mut_slice::<f64>()? }
-            .iter_mut()
-            .zip(vals)
-            .for_each(|(o, v)| *o = v),
-        _ => unsafe { out.as_mut_slice::<f32>()? }
-            .iter_mut()
-            .zip(vals)
-            .for_each(|(o, v)| *o = v as f32),
-    }
-    Ok(())
 }
 
 fn write_bools(out: &mut TensorRef, vals: &[bool]) -> Result<()> {
@@ -106,25 +83,7 @@ pub fn align_forward(
             DType::Bool | DType::U8 => Anchors::Mask(mask),
             _ => Anchors::Index(mask),
         };
-        let grouping = match (view_opt(&group_ids)?, group_size) {
-            (Some(ids), None) => Grouping::Ids(ids),
-            (None, Some(g)) if g >= 0 => Grouping::Size(g as usize),
-            (None, Some(g)) => return Err(Error::value("group_size", "a positive integer", g)),
-            (Some(_), Some(_)) => {
-                return Err(Error::value(
-                    "group_ids",
-                    "exactly one of group_ids and group_size",
-                    "both",
-                ));
-            }
-            (None, None) => {
-                return Err(Error::value(
-                    "group_ids",
-                    "exactly one of group_ids and group_size",
-                    "neither",
-                ));
-            }
-        };
+        let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
         let plan = align::plan(
             &hidden,
             &anchors,

@@ -2,5 +2,6 @@
 //! error mapping; all work happens in `ops`.
 
 pub mod align;
+pub mod dapo;
 pub mod errors;
 pub mod tensor;

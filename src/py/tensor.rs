@@ -77,3 +77,26 @@ fn dtype_of(d: DLDataType) -> Option<DType> {
     ];
     table.iter().find(|(dl, _)| *dl == d).map(|(_, ours)| *ours)
 }
+
+/// Writes `vals` into a contiguous float32/float64 output.
+pub fn write_floats(out: &mut TensorRef, vals: impl ExactSizeIterator<Item = f64>) -> Result<()> {
+    if out.numel() < vals.len() {
+        return Err(Error::shape(
+            out.name(),
+            format!("at least {} elements", vals.len()),
+            out.shape(),
+        ));
+    }
+    match out.dtype() {
+        // SAFETY (both arms): outputs are fresh tensors allocated for this call.
+        DType::F64 => unsafe { out.as_mut_slice::<f64>()? }
+            .iter_mut()
+            .zip(vals)
+            .for_each(|(o, v)| *o = v),
+        _ => unsafe { out.as_mut_slice::<f32>()? }
+            .iter_mut()
+            .zip(vals)
+            .for_each(|(o, v)| *o = v as f32),
+    }
+    Ok(())
+}

@@ -1,0 +1,326 @@
+"""DAPO token-level computations with verl's semantics: ``hidden_align.dapo``.
+
+Every function matches the verl function it names to float32 rounding; the deliberate
+differences are documented where they apply (an empty denominator gives 0 where verl gives NaN,
+and garbage at masked positions never reaches a result).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+
+import torch
+
+from . import _native
+from .errors import ArgumentError, DeviceError
+
+__all__ = [
+    "dynamic_sampling_mask",
+    "group_advantages",
+    "group_ids_from_uids",
+    "overlong_penalty",
+    "policy_loss",
+]
+
+_AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+
+def _require_tensor(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def _same_device(first: tuple, *others: tuple) -> None:
+    name0, t0 = first
+    for name, t in others:
+        if t is not None and t.device != t0.device:
+            raise DeviceError(
+                f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
+                f"got one on {t.device}"
+            )
+
+
+def _check_group_size(group_size) -> None:
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
+        raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
+
+
+def _optional_number(name: str, value) -> float | None:
+    """A Python number or a 0-d tensor (read on the host) as float."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ArgumentError(f"{name}: expected a number or a 1-element tensor")
+        return float(value.item())
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def group_ids_from_uids(uids: Iterable) -> torch.Tensor:
+    """int64 group ids from verl's per-rollout uid strings (``batch.non_tensor_batch["uid"]``).
+
+    Uses a stable hash (the first 8 bytes of BLAKE2b), so every data-parallel rank derives the
+    same id for the same uid; Python's ``hash`` is salted per process and would not.
+    """
+    out = []
+    for uid in uids:
+        digest = hashlib.blake2b(str(uid).encode(), digest_size=8).digest()
+        out.append(int.from_bytes(digest, "little", signed=True))
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    *,
+    group_ids: torch.Tensor | None = None,
+    group_size: int | None = None,
+    eps: float = 1e-6,
+    norm_by_std: bool = True,
+) -> torch.Tensor:
+    """GRPO/DAPO outcome advantages, as verl's ``compute_grpo_outcome_advantage``.
+
+    Per group: mean and unbiased (N-1) std of the scores; ``A = (r - mean) / (std + eps)``, or
+    ``r - mean`` with ``norm_by_std=False`` (Dr.GRPO). A singleton group has mean 0 and std 1.
+
+    Args:
+        scores: ``[B]`` per-rollout scores, or token-level rewards ``[B, T]`` (summed over T).
+        group_ids: int64 ``[B]`` prompt labels in any order (see :func:`group_ids_from_uids`).
+        group_size: rollouts per prompt for contiguous groups (exactly one of the two).
+        eps: added to the std (verl 1e-6; OpenRLHF uses 1e-9, TRL 1e-4).
+        norm_by_std: divide by the std.
+
+    Returns:
+        float32 ``[B]`` advantages (verl returns them broadcast over the response mask).
+
+    Example:
+        >>> group_advantages(torch.tensor([1.0, -1.0, 1.0, 1.0]), group_size=2)
+        tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
+    """
+    _require_tensor("scores", scores)
+    _require_tensor("group_ids", group_ids, optional=True)
+    _check_group_size(group_size)
+    _same_device(("scores", scores), ("group_ids", group_ids))
+    out = torch.empty(
+        scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
+    )
+    _native.group_advantages(
+        scores.detach(),
+        None if group_ids is None else group_ids.detach(),
+        group_size,
+        float(eps),
+        bool(norm_by_std),
+        out,
+    )
+    return out
+
+
+def dynamic_sampling_mask(
+    metric: torch.Tensor, *, group_ids: torch.Tensor | None = None, group_size: int | None = None
+) -> torch.Tensor:
+    """DAPO dynamic sampling: which rollouts to keep.
+
+    A rollout is kept when its group's metric (e.g. accuracy or score) is not constant, or the
+    group has one member, as verl's filter (``std > 0 or len == 1``). A group containing a NaN
+    metric is dropped (``np.std`` is NaN there).
+
+    Args:
+        metric: ``[B]`` per-rollout metric, any numeric dtype.
+        group_ids: int64 ``[B]`` prompt labels; or ``group_size`` for contiguous groups.
+
+    Returns:
+        bool ``[B]``.
+
+    Example:
+        >>> dynamic_sampling_mask(torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
+        tensor([False, False,  True,  True])
+    """
+    _require_tensor("metric", metric)
+    _require_tensor("group_ids", group_ids, optional=True)
+    _check_group_size(group_size)
+    _same_device(("metric", metric), ("group_ids", group_ids))
+    out = torch.empty(
+        metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
+    )
+    _native.dynamic_sampling_mask(
+        metric.detach(), None if group_ids is None else group_ids.detach(), group_size, out
+    )
+    return out
+
+
+def overlong_penalty(
+    response_lengths: torch.Tensor,
+    max_response_length: int,
+    buffer_length: int,
+    penalty_factor: float = 1.0,
+) -> torch.Tensor:
+    """DAPO overlong reward shaping, added to the score of each rollout.
+
+    ``min(-(L - (max_response_length - buffer_length)) / buffer_length * penalty_factor, 0)``.
+
+    Args:
+        response_lengths: ``[B]`` valid response lengths (integer or float).
+        max_response_length: the generation limit.
+        buffer_length: the soft-punishment interval at its end (> 0).
+        penalty_factor: the penalty at the limit.
+
+    Returns:
+        float32 ``[B]``, zero or negative.
+
+    Example:
+        >>> overlong_penalty(torch.tensor([10, 18, 20]), 20, 4)
+        tensor([ 0.0000, -0.5000, -1.0000])
+    """
+    _require_tensor("response_lengths", response_lengths)
+    n = response_lengths.shape[0] if response_lengths.dim() else 0
+    out = torch.empty(n, dtype=torch.float32, device=response_lengths.device)
+    _native.overlong_penalty(
+        response_lengths.detach(),
+        float(max_response_length),
+        float(buffer_length),
+        float(penalty_factor),
+        out,
+    )
+    return out
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _PolicyLoss(torch.autograd.Function):
+    """Fused clipped policy loss; gradient w.r.t. ``log_prob`` only."""
+
+    @staticmethod
+    def forward(ctx, log_prob, old_log_prob, advantages, response_mask, weights, clip, agg):
+        acc = _accumulator(log_prob.dtype)
+        dev = log_prob.device
+        batch = log_prob.shape[0] if log_prob.dim() == 2 else 0
+        scalars = torch.empty(4, dtype=acc, device=dev)
+        row_scale = torch.empty(batch, dtype=acc, device=dev)
+        tensors = [old_log_prob.detach(), advantages.detach(), response_mask.detach()]
+        w = None if weights is None else weights.detach()
+        _native.policy_loss_forward(log_prob.detach(), *tensors, w, *clip, *agg, scalars, row_scale)
+        ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
+        ctx.weights = w
+        ctx.clip = clip
+        metrics = scalars[1:]
+        ctx.mark_non_differentiable(metrics)
+        return scalars[0].clone(), metrics
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_metrics):
+        log_prob, old, adv, mask, row_scale = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 7
+        grad = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
+        _native.policy_loss_backward(
+            log_prob.detach(),
+            old.detach(),
+            adv.detach(),
+            mask.detach(),
+            ctx.weights,
+            *ctx.clip,
+            row_scale,
+            # The upstream gradient of a scalar loss is one number; reading it is a host sync
+            # on CUDA but free here, and keeps the kernel to one fused pass.
+            float(grad_loss),
+            grad,
+        )
+        return grad, None, None, None, None, None, None
+
+
+def policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.28,
+    clip_ratio_c: float = 10.0,
+    log_ratio_clamp: float | None = 20.0,
+    loss_agg_mode: str = "token-mean",
+    rollout_is_weights: torch.Tensor | None = None,
+    batch_num_tokens=None,
+    dp_size: int = 1,
+    global_batch_size=None,
+    loss_scale_factor=None,
+) -> tuple:
+    """DAPO's clipped policy loss, as verl's ``compute_policy_loss_vanilla`` + ``agg_loss``.
+
+    One fused pass forward, one fused pass backward (gradient w.r.t. ``log_prob`` only).
+    Clip-higher (``clip_ratio_low`` / ``clip_ratio_high``), dual clip (``clip_ratio_c``) and
+    every verl aggregation mode, with verl's optional global normalisers.
+
+    Args:
+        log_prob: ``[B, T]`` current log-probabilities (float32, bfloat16, float16, float64).
+        old_log_prob: ``[B, T]`` log-probabilities of the rollout policy, same dtype.
+        advantages: ``[B, T]`` or per rollout ``[B]``, same dtype.
+        response_mask: ``[B, T]``, bool, integer or float.
+        clip_ratio_low, clip_ratio_high: the ratio is clipped to ``[1 - low, 1 + high]``.
+        clip_ratio_c: dual-clip bound (> 1) on the loss of negative advantages.
+        log_ratio_clamp: clamp of ``log_prob - old_log_prob`` before ``exp``; None disables it.
+        loss_agg_mode: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``,
+            ``seq-mean-token-mean`` or ``seq-mean-token-sum-norm``.
+        rollout_is_weights: optional ``[B, T]`` importance weights multiplying each token loss.
+        batch_num_tokens: global valid-token count for ``token-mean`` (required if dp_size > 1).
+        dp_size: data-parallel world size.
+        global_batch_size: global sequence count for ``seq-mean-*`` (required if dp_size > 1).
+        loss_scale_factor: divisor of ``seq-mean-token-sum-norm`` (default T).
+
+    Returns:
+        ``(loss, metrics)``: a 0-d float32 loss (float64 for float64 inputs) and a dict of 0-d
+        tensors ``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower`` (no ``.item()``).
+
+    Masked positions are never read: NaN or inf there cannot reach the loss, the metrics or the
+    gradient. Where verl divides by an empty count (no valid token, no non-empty sequence) and
+    returns NaN, this returns 0 with a zero gradient.
+
+    Example:
+        >>> lp = torch.randn(2, 5, requires_grad=True)
+        >>> loss, m = policy_loss(lp, lp.detach(), torch.tensor([1.0, -1.0]), torch.ones(2, 5))
+        >>> loss.backward()
+    """
+    for name, t in (
+        ("log_prob", log_prob),
+        ("old_log_prob", old_log_prob),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+    ):
+        _require_tensor(name, t)
+    _require_tensor("rollout_is_weights", rollout_is_weights, optional=True)
+    _same_device(
+        ("log_prob", log_prob),
+        ("old_log_prob", old_log_prob),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+        ("rollout_is_weights", rollout_is_weights),
+    )
+    if loss_agg_mode not in _AGG_MODES:
+        raise ArgumentError(f"loss_agg_mode: expected one of {_AGG_MODES}, got {loss_agg_mode!r}")
+    if isinstance(dp_size, bool) or not isinstance(dp_size, int):
+        raise ArgumentError(f"dp_size: expected an int, got {type(dp_size).__name__}")
+    clamp = _optional_number("log_ratio_clamp", log_ratio_clamp)
+    clip = (float(clip_ratio_low), float(clip_ratio_high), float(clip_ratio_c), clamp)
+    agg = (
+        loss_agg_mode,
+        _optional_number("batch_num_tokens", batch_num_tokens),
+        dp_size,
+        _optional_number("global_batch_size", global_batch_size),
+        _optional_number("loss_scale_factor", loss_scale_factor),
+    )
+    loss, metrics = _PolicyLoss.apply(
+        log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, clip, agg
+    )
+    return loss, {"pg_clipfrac": metrics[0], "ppo_kl": metrics[1], "pg_clipfrac_lower": metrics[2]}

@@ -1,0 +1,439 @@
+//! DAPO token-level computations with verl's semantics (DESIGN section 4): group advantages,
+//! the dynamic-sampling filter, overlong shaping, and the clipped policy loss with its
+//! aggregation modes, fused forward and backward.
+
+use std::str::FromStr;
+
+use crate::cpu;
+use crate::error::{Error, Result};
+use crate::ops::groups::{Grouping, dense_groups};
+use crate::tensor::{DType, Device, TensorRef};
+
+const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
+
+fn expect_cpu(t: &TensorRef) -> Result<()> {
+    if t.device() == Device::Cpu {
+        return Ok(());
+    }
+    Err(Error::CudaUnavailable {
+        reason: format!(
+            "{} is on {}, but this build runs on CPU tensors only; move the tensors to the CPU",
+            t.name(),
+            t.device()
+        ),
+    })
+}
+
+fn same_device(first: &TensorRef, others: &[Option<&TensorRef>]) -> Result<()> {
+    for t in others.iter().flatten() {
+        if t.device() != first.device() {
+            return Err(Error::Device {
+                arg: t.name(),
+                expected: format!("{} (the device of {})", first.device(), first.name()),
+                got: t.device().to_string(),
+            });
+        }
+    }
+    expect_cpu(first)
+}
+
+/// Group-normalised outcome advantages (verl `compute_grpo_outcome_advantage`): per group the
+/// mean and unbiased std of the scores, `A = (r - mean) / (std + eps)` or `r - mean`; a
+/// singleton group has mean 0 and std 1. `scores` is `[B]` or token-level `[B, T]` (summed
+/// over T); `out` is float32 `[B]`.
+pub fn group_advantages(
+    scores: &TensorRef,
+    grouping: &Grouping,
+    eps: f64,
+    norm_by_std: bool,
+    out: &mut TensorRef,
+) -> Result<()> {
+    scores.expect_dtype(&FLOATS)?;
+    same_device(scores, &[grouping_tensor(grouping)])?;
+    if scores.ndim() != 1 && scores.ndim() != 2 {
+        return Err(Error::shape(
+            "scores",
+            "[B] or token-level [B, T]",
+            scores.shape(),
+        ));
+    }
+    if !(eps.is_finite() && eps >= 0.0) {
+        return Err(Error::value("eps", "a finite number >= 0", eps));
+    }
+    let batch = scores.shape()[0];
+    let (group, num_groups) = dense_groups(grouping, batch)?;
+    expect_out(out, &[batch], DType::F32)?;
+    let totals = crate::dispatch_float!(scores.dtype(), T => cpu::dapo::row_sums::<T>(scores));
+    // SAFETY: out is a fresh output owned by this call.
+    let out = unsafe { out.as_mut_slice::<f32>()? };
+    cpu::dapo::group_advantages(&totals, &group, num_groups, eps, norm_by_std, out);
+    Ok(())
+}
+
+/// DAPO dynamic sampling: `out[b]` is true when rollout b's group has a metric with nonzero
+/// spread or a single member. A NaN metric counts as no spread.
+pub fn dynamic_sampling_mask(
+    metric: &TensorRef,
+    grouping: &Grouping,
+    out: &mut TensorRef,
+) -> Result<()> {
+    same_device(metric, &[grouping_tensor(grouping)])?;
+    metric.expect_ndim(1, "[B]")?;
+    let batch = metric.shape()[0];
+    let (group, num_groups) = dense_groups(grouping, batch)?;
+    expect_out(out, &[batch], DType::Bool)?;
+    let values = metric.to_f64_vec()?;
+    // SAFETY: out is a fresh output owned by this call.
+    let out = unsafe { out.as_mut_slice::<bool>()? };
+    cpu::dapo::dynamic_sampling(&values, &group, num_groups, out);
+    Ok(())
+}
+
+/// DAPO overlong reward shaping: `min(-(L - (max_len - buffer)) / buffer * factor, 0)` per
+/// rollout; `out` is float32 `[B]`.
+pub fn overlong_penalty(
+    lengths: &TensorRef,
+    max_response_length: f64,
+    buffer_length: f64,
+    penalty_factor: f64,
+    out: &mut TensorRef,
+) -> Result<()> {
+    expect_cpu(lengths)?;
+    lengths.expect_ndim(1, "[B]")?;
+    if !(buffer_length.is_finite() && buffer_length > 0.0) {
+        return Err(Error::value(
+            "buffer_length",
+            "a finite number > 0",
+            buffer_length,
+        ));
+    }
+    if !(max_response_length.is_finite() && max_response_length >= buffer_length) {
+        return Err(Error::value(
+            "max_response_length",
+            format!("a finite number >= buffer_length = {buffer_length}"),
+            max_response_length,
+        ));
+    }
+    if !penalty_factor.is_finite() {
+        return Err(Error::value(
+            "penalty_factor",
+            "a finite number",
+            penalty_factor,
+        ));
+    }
+    let values = lengths.to_f64_vec()?;
+    expect_out(out, &[values.len()], DType::F32)?;
+    // SAFETY: out is a fresh output owned by this call.
+    let out = unsafe { out.as_mut_slice::<f32>()? };
+    let expected = max_response_length - buffer_length;
+    for (o, l) in out.iter_mut().zip(values) {
+        *o = (-(l - expected) / buffer_length * penalty_factor).min(0.0) as f32;
+    }
+    Ok(())
+}
+
+fn grouping_tensor<'a>(g: &'a Grouping<'a>) -> Option<&'a TensorRef<'a>> {
+    match g {
+        Grouping::Ids(t) => Some(t),
+        Grouping::Size(_) => None,
+    }
+}
+
+fn expect_out(out: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
+    out.expect_dtype(&[dtype])?;
+    if out.shape() != shape {
+        return Err(Error::shape(out.name(), format!("{shape:?}"), out.shape()));
+    }
+    Ok(())
+}
+
+/// verl's loss aggregation modes (`agg_loss`, verl >= 0.7.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AggMode {
+    /// `sum(l m) / N * D`, N the global token count (default: the local mask sum).
+    TokenMean,
+    /// `sum(l m) * D`.
+    TokenSum,
+    /// Mean over non-empty sequences of the per-sequence token sum.
+    SeqMeanTokenSum,
+    /// Mean over non-empty sequences of the per-sequence token mean.
+    SeqMeanTokenMean,
+    /// `seq-mean-token-sum` divided by `loss_scale_factor` (default: T).
+    SeqMeanTokenSumNorm,
+}
+
+impl FromStr for AggMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "token-mean" => Ok(AggMode::TokenMean),
+            "token-sum" => Ok(AggMode::TokenSum),
+            "seq-mean-token-sum" => Ok(AggMode::SeqMeanTokenSum),
+            "seq-mean-token-mean" => Ok(AggMode::SeqMeanTokenMean),
+            "seq-mean-token-sum-norm" => Ok(AggMode::SeqMeanTokenSumNorm),
+            other => Err(Error::value(
+                "loss_agg_mode",
+                "one of 'token-mean', 'token-sum', 'seq-mean-token-sum', 'seq-mean-token-mean', \
+                 'seq-mean-token-sum-norm'",
+                format!("{other:?}"),
+            )),
+        }
+    }
+}
+
+/// Clipping options of the policy loss.
+#[derive(Clone, Copy, Debug)]
+pub struct ClipConfig {
+    /// `eps_low`: the ratio is clipped below at `1 - low`.
+    pub low: f64,
+    /// `eps_high` (clip-higher): the ratio is clipped above at `1 + high`.
+    pub high: f64,
+    /// Dual-clip constant `c` (> 1) bounding the loss of negative advantages.
+    pub c: f64,
+    /// Clamp of `log_prob - old_log_prob` before `exp`; `None` disables it.
+    pub log_ratio_clamp: Option<f64>,
+}
+
+impl ClipConfig {
+    /// Checks the options.
+    pub fn new(low: f64, high: f64, c: f64, log_ratio_clamp: Option<f64>) -> Result<Self> {
+        if !(low.is_finite() && low >= 0.0) {
+            return Err(Error::value("clip_ratio_low", "a finite number >= 0", low));
+        }
+        if !(high.is_finite() && high >= 0.0) {
+            return Err(Error::value(
+                "clip_ratio_high",
+                "a finite number >= 0",
+                high,
+            ));
+        }
+        if !(c.is_finite() && c > 1.0) {
+            return Err(Error::value(
+                "clip_ratio_c",
+                "a finite number > 1 (dual clip)",
+                c,
+            ));
+        }
+        if let Some(k) = log_ratio_clamp
+            && !(k.is_finite() && k > 0.0)
+        {
+            return Err(Error::value(
+                "log_ratio_clamp",
+                "None or a finite number > 0",
+                k,
+            ));
+        }
+        Ok(ClipConfig {
+            low,
+            high,
+            c,
+            log_ratio_clamp,
+        })
+    }
+}
+
+/// Aggregation options, with verl's optional global normalisers.
+#[derive(Clone, Copy, Debug)]
+pub struct AggConfig {
+    /// The mode.
+    pub mode: AggMode,
+    /// Global number of valid tokens (token-mean); default the local mask sum.
+    pub batch_num_tokens: Option<f64>,
+    /// Data-parallel world size D.
+    pub dp_size: f64,
+    /// Global number of sequences (seq-mean-*); default the local non-empty sequences.
+    pub global_batch_size: Option<f64>,
+    /// Divisor of seq-mean-token-sum-norm; default the response length T.
+    pub loss_scale_factor: Option<f64>,
+}
+
+impl AggConfig {
+    /// Checks the options the way verl does (a global normaliser is required when D > 1).
+    pub fn new(
+        mode: &str,
+        batch_num_tokens: Option<f64>,
+        dp_size: i64,
+        global_batch_size: Option<f64>,
+        loss_scale_factor: Option<f64>,
+    ) -> Result<Self> {
+        let mode: AggMode = mode.parse()?;
+        if dp_size < 1 {
+            return Err(Error::value("dp_size", "an integer >= 1", dp_size));
+        }
+        for (name, v) in [
+            ("batch_num_tokens", batch_num_tokens),
+            ("global_batch_size", global_batch_size),
+            ("loss_scale_factor", loss_scale_factor),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && v > 0.0)
+            {
+                return Err(Error::value(name, "None or a finite number > 0", v));
+            }
+        }
+        if dp_size > 1 {
+            let needs_tokens = mode == AggMode::TokenMean && batch_num_tokens.is_none();
+            let needs_seqs = matches!(
+                mode,
+                AggMode::SeqMeanTokenSum | AggMode::SeqMeanTokenMean | AggMode::SeqMeanTokenSumNorm
+            ) && global_batch_size.is_none();
+            if needs_tokens {
+                return Err(Error::value(
+                    "batch_num_tokens",
+                    "the global token count when dp_size > 1",
+                    "None",
+                ));
+            }
+            if needs_seqs {
+                return Err(Error::value(
+                    "global_batch_size",
+                    "the global batch size when dp_size > 1",
+                    "None",
+                ));
+            }
+        }
+        Ok(AggConfig {
+            mode,
+            batch_num_tokens,
+            dp_size: dp_size as f64,
+            global_batch_size,
+            loss_scale_factor,
+        })
+    }
+}
+
+/// The tensors of the policy loss.
+pub struct PolicyInputs<'a> {
+    /// Current log-probabilities `[B, T]`.
+    pub log_prob: TensorRef<'a>,
+    /// Old log-probabilities `[B, T]`, same dtype.
+    pub old_log_prob: TensorRef<'a>,
+    /// Advantages `[B, T]` or per rollout `[B]`, same dtype.
+    pub advantages: TensorRef<'a>,
+    /// Response mask `[B, T]`, any dtype (bool, integer or float weights).
+    pub response_mask: TensorRef<'a>,
+    /// Optional importance weights `[B, T]`, same dtype as `log_prob`.
+    pub rollout_is_weights: Option<TensorRef<'a>>,
+}
+
+impl PolicyInputs<'_> {
+    fn validate(&self) -> Result<(usize, usize)> {
+        let lp = &self.log_prob;
+        lp.expect_dtype(&FLOATS)?;
+        lp.expect_ndim(2, "[B, T]")?;
+        let (b, t) = (lp.shape()[0], lp.shape()[1]);
+        same_device(
+            lp,
+            &[
+                Some(&self.old_log_prob),
+                Some(&self.advantages),
+                Some(&self.response_mask),
+                self.rollout_is_weights.as_ref(),
+            ],
+        )?;
+        let same_dtype = |x: &TensorRef| -> Result<()> {
+            if x.dtype() == lp.dtype() {
+                return Ok(());
+            }
+            Err(Error::Dtype {
+                arg: x.name(),
+                expected: format!("{} (the dtype of log_prob)", lp.dtype()),
+                got: x.dtype().to_string(),
+            })
+        };
+        for x in [Some(&self.old_log_prob), self.rollout_is_weights.as_ref()]
+            .into_iter()
+            .flatten()
+        {
+            same_dtype(x)?;
+            if x.shape() != [b, t] {
+                return Err(Error::shape(
+                    x.name(),
+                    format!("[B, T] = [{b}, {t}]"),
+                    x.shape(),
+                ));
+            }
+        }
+        same_dtype(&self.advantages)?;
+        if self.advantages.shape() != [b, t] && self.advantages.shape() != [b] {
+            return Err(Error::shape(
+                "advantages",
+                format!("[B, T] = [{b}, {t}] or per rollout [B] = [{b}]"),
+                self.advantages.shape(),
+            ));
+        }
+        if self.response_mask.shape() != [b, t] {
+            return Err(Error::shape(
+                "response_mask",
+                format!("[B, T] = [{b}, {t}]"),
+                self.response_mask.shape(),
+            ));
+        }
+        Ok((b, t))
+    }
+}
+
+/// Forward of the policy loss.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PolicyForward {
+    /// The aggregated loss.
+    pub loss: f64,
+    /// `mean((L2 > L1) m)`.
+    pub pg_clipfrac: f64,
+    /// `mean(-d m)`.
+    pub ppo_kl: f64,
+    /// `mean((C1 > L3) & (A < 0) m)`.
+    pub pg_clipfrac_lower: f64,
+}
+
+/// Forward of the clipped policy loss in one pass. Writes `dloss/d(l m)` per row into
+/// `row_scale` (float32 `[B]`, float64 for float64 inputs) for the backward.
+pub fn policy_loss_forward(
+    inputs: &PolicyInputs,
+    clip: &ClipConfig,
+    agg: &AggConfig,
+    row_scale: &mut TensorRef,
+) -> Result<PolicyForward> {
+    let (b, t) = inputs.validate()?;
+    let acc = if inputs.log_prob.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    expect_out(row_scale, &[b], acc)?;
+    crate::dispatch_float!(inputs.log_prob.dtype(), T => {
+        crate::dispatch_any!(inputs.response_mask.dtype(), M => {
+            // SAFETY: row_scale is a fresh output owned by this call.
+            let scale = unsafe { row_scale.as_mut_slice::<<T as cpu::float::Elem>::Acc>()? };
+            Ok(cpu::dapo::policy_forward::<T, M>(inputs, (b, t), clip, agg, scale))
+        })
+    })
+}
+
+/// Backward of the clipped policy loss in one pass: `grad` (`[B, T]`, the dtype of
+/// `log_prob`) receives `upstream * dloss/dlog_prob`; zero at masked positions.
+pub fn policy_loss_backward(
+    inputs: &PolicyInputs,
+    clip: &ClipConfig,
+    row_scale: &TensorRef,
+    upstream: f64,
+    grad: &mut TensorRef,
+) -> Result<()> {
+    let (b, t) = inputs.validate()?;
+    let acc = if inputs.log_prob.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    expect_out(row_scale, &[b], acc)?;
+    expect_out(grad, &[b, t], inputs.log_prob.dtype())?;
+    crate::dispatch_float!(inputs.log_prob.dtype(), T => {
+        crate::dispatch_any!(inputs.response_mask.dtype(), M => {
+            let scale = row_scale.as_slice::<<T as cpu::float::Elem>::Acc>()?;
+            // SAFETY: grad is a fresh output owned by this call.
+            let out = unsafe { grad.as_mut_slice::<T>()? };
+            cpu::dapo::policy_backward::<T, M>(inputs, (b, t), clip, scale, upstream, out);
+            Ok(())
+        })
+    })
+}

@@ -1,0 +1,78 @@
+//! Rollout grouping shared by every op: explicit labels or contiguous blocks.
+
+use crate::error::{Error, Result};
+use crate::tensor::TensorRef;
+
+/// How rollouts are grouped.
+pub enum Grouping<'a> {
+    /// int64 (or int32) labels `[B]`, any order, not necessarily contiguous.
+    Ids(TensorRef<'a>),
+    /// Contiguous blocks of this many rollouts.
+    Size(usize),
+}
+
+impl<'a> Grouping<'a> {
+    /// Exactly one of `group_ids` and `group_size`, as the Python API takes them.
+    pub fn from_args(ids: Option<TensorRef<'a>>, size: Option<i64>) -> Result<Self> {
+        let one_of = "exactly one of group_ids and group_size";
+        match (ids, size) {
+            (Some(ids), None) => Ok(Grouping::Ids(ids)),
+            (None, Some(g)) if g > 0 => Ok(Grouping::Size(g as usize)),
+            (None, Some(g)) => Err(Error::value("group_size", "a positive integer", g)),
+            (Some(_), Some(_)) => Err(Error::value("group_ids", one_of, "both")),
+            (None, None) => Err(Error::value("group_ids", one_of, "neither")),
+        }
+    }
+}
+
+/// Labels → dense group indices in sorted label order (the order of `torch.unique`), and the
+/// number of groups.
+pub fn dense_groups(grouping: &Grouping, batch: usize) -> Result<(Vec<usize>, usize)> {
+    match grouping {
+        Grouping::Size(0) => Err(Error::value("group_size", "a positive integer", 0)),
+        Grouping::Size(g) if batch % g != 0 => Err(Error::value(
+            "group_size",
+            format!("a divisor of the batch size B = {batch}"),
+            g,
+        )),
+        Grouping::Size(g) => Ok(((0..batch).map(|b| b / g).collect(), batch / g)),
+        Grouping::Ids(ids) => {
+            if ids.shape() != [batch] {
+                return Err(Error::shape(
+                    "group_ids",
+                    format!("[B] = [{batch}]"),
+                    ids.shape(),
+                ));
+            }
+            let labels = ids.to_i64_vec().map_err(|e| match e {
+                Error::Dtype { got, .. } => Error::Dtype {
+                    arg: "group_ids",
+                    expected: "int64 or int32".into(),
+                    got,
+                },
+                other => other,
+            })?;
+            let mut unique = labels.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            let dense = labels
+                .iter()
+                .map(|l| {
+                    unique
+                        .binary_search(l)
+                        .expect("label is in its own sorted set")
+                })
+                .collect();
+            Ok((dense, unique.len()))
+        }
+    }
+}
+
+/// Members of each dense group, in ascending rollout order.
+pub fn members(group: &[usize], num_groups: usize) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); num_groups];
+    for (b, &g) in group.iter().enumerate() {
+        out[g].push(b);
+    }
+    out
+}

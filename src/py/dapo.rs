@@ -1,0 +1,227 @@
+//! Python entry points of the DAPO ops. Outputs are allocated by the caller (torch).
+
+use pyo3::prelude::*;
+
+use super::errors::run;
+use super::tensor::{Borrowed, import, write_floats};
+use crate::error::Result;
+use crate::ops::dapo::{self, AggConfig, ClipConfig, PolicyInputs};
+use crate::ops::groups::Grouping;
+use crate::tensor::TensorRef;
+
+fn import_opt(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Option<Borrowed>> {
+    obj.map(|o| import(o, name)).transpose()
+}
+
+fn view_opt(b: &Option<Borrowed>) -> Result<Option<TensorRef<'_>>> {
+    b.as_ref().map(Borrowed::view).transpose()
+}
+
+/// Group-normalised advantages into `out` (float32 `[B]`).
+#[pyfunction]
+#[pyo3(signature = (scores, group_ids, group_size, eps, norm_by_std, out))]
+pub fn group_advantages(
+    py: Python<'_>,
+    scores: &Bound<'_, PyAny>,
+    group_ids: Option<&Bound<'_, PyAny>>,
+    group_size: Option<i64>,
+    eps: f64,
+    norm_by_std: bool,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let scores = import(scores, "scores")?;
+    let group_ids = import_opt(group_ids, "group_ids")?;
+    let out = import(out, "out")?;
+    run(py, "hidden_align.dapo.group_advantages", move || {
+        let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
+        dapo::group_advantages(
+            &scores.view()?,
+            &grouping,
+            eps,
+            norm_by_std,
+            &mut out.view()?,
+        )
+    })
+}
+
+/// Dynamic-sampling keep mask into `out` (bool `[B]`).
+#[pyfunction]
+#[pyo3(signature = (metric, group_ids, group_size, out))]
+pub fn dynamic_sampling_mask(
+    py: Python<'_>,
+    metric: &Bound<'_, PyAny>,
+    group_ids: Option<&Bound<'_, PyAny>>,
+    group_size: Option<i64>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let metric = import(metric, "metric")?;
+    let group_ids = import_opt(group_ids, "group_ids")?;
+    let out = import(out, "out")?;
+    run(py, "hidden_align.dapo.dynamic_sampling_mask", move || {
+        let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
+        dapo::dynamic_sampling_mask(&metric.view()?, &grouping, &mut out.view()?)
+    })
+}
+
+/// Overlong penalty into `out` (float32 `[B]`).
+#[pyfunction]
+pub fn overlong_penalty(
+    py: Python<'_>,
+    response_lengths: &Bound<'_, PyAny>,
+    max_response_length: f64,
+    buffer_length: f64,
+    penalty_factor: f64,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let lengths = import(response_lengths, "response_lengths")?;
+    let out = import(out, "out")?;
+    run(py, "hidden_align.dapo.overlong_penalty", move || {
+        dapo::overlong_penalty(
+            &lengths.view()?,
+            max_response_length,
+            buffer_length,
+            penalty_factor,
+            &mut out.view()?,
+        )
+    })
+}
+
+struct PolicyArgs {
+    log_prob: Borrowed,
+    old_log_prob: Borrowed,
+    advantages: Borrowed,
+    response_mask: Borrowed,
+    rollout_is_weights: Option<Borrowed>,
+}
+
+impl PolicyArgs {
+    fn import(
+        log_prob: &Bound<'_, PyAny>,
+        old_log_prob: &Bound<'_, PyAny>,
+        advantages: &Bound<'_, PyAny>,
+        response_mask: &Bound<'_, PyAny>,
+        rollout_is_weights: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        Ok(PolicyArgs {
+            log_prob: import(log_prob, "log_prob")?,
+            old_log_prob: import(old_log_prob, "old_log_prob")?,
+            advantages: import(advantages, "advantages")?,
+            response_mask: import(response_mask, "response_mask")?,
+            rollout_is_weights: import_opt(rollout_is_weights, "rollout_is_weights")?,
+        })
+    }
+
+    fn views(&self) -> Result<PolicyInputs<'_>> {
+        Ok(PolicyInputs {
+            log_prob: self.log_prob.view()?,
+            old_log_prob: self.old_log_prob.view()?,
+            advantages: self.advantages.view()?,
+            response_mask: self.response_mask.view()?,
+            rollout_is_weights: view_opt(&self.rollout_is_weights)?,
+        })
+    }
+}
+
+/// Forward of the clipped policy loss. Fills `out_scalars` (`[4]`: loss, pg_clipfrac, ppo_kl,
+/// pg_clipfrac_lower) and `out_row_scale` (`[B]`, read by the backward).
+#[pyfunction]
+#[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
+                    clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, loss_agg_mode,
+                    batch_num_tokens, dp_size, global_batch_size, loss_scale_factor,
+                    out_scalars, out_row_scale))]
+#[allow(clippy::too_many_arguments)]
+pub fn policy_loss_forward(
+    py: Python<'_>,
+    log_prob: &Bound<'_, PyAny>,
+    old_log_prob: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    response_mask: &Bound<'_, PyAny>,
+    rollout_is_weights: Option<&Bound<'_, PyAny>>,
+    clip_ratio_low: f64,
+    clip_ratio_high: f64,
+    clip_ratio_c: f64,
+    log_ratio_clamp: Option<f64>,
+    loss_agg_mode: &str,
+    batch_num_tokens: Option<f64>,
+    dp_size: i64,
+    global_batch_size: Option<f64>,
+    loss_scale_factor: Option<f64>,
+    out_scalars: &Bound<'_, PyAny>,
+    out_row_scale: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let args = PolicyArgs::import(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        rollout_is_weights,
+    )?;
+    let out = import(out_row_scale, "out_row_scale")?;
+    let scalars = import(out_scalars, "out_scalars")?;
+    let mode = loss_agg_mode.to_owned();
+    run(py, "hidden_align.dapo.policy_loss", move || {
+        let clip = ClipConfig::new(
+            clip_ratio_low,
+            clip_ratio_high,
+            clip_ratio_c,
+            log_ratio_clamp,
+        )?;
+        let agg = AggConfig::new(
+            &mode,
+            batch_num_tokens,
+            dp_size,
+            global_batch_size,
+            loss_scale_factor,
+        )?;
+        let f = dapo::policy_loss_forward(&args.views()?, &clip, &agg, &mut out.view()?)?;
+        let values = [f.loss, f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
+        write_floats(&mut scalars.view()?, values.into_iter())
+    })
+}
+
+/// Backward of the clipped policy loss into `out_grad` (`[B, T]`, the dtype of log_prob).
+#[pyfunction]
+#[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
+                    clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, row_scale,
+                    grad_output, out_grad))]
+#[allow(clippy::too_many_arguments)]
+pub fn policy_loss_backward(
+    py: Python<'_>,
+    log_prob: &Bound<'_, PyAny>,
+    old_log_prob: &Bound<'_, PyAny>,
+    advantages: &Bound<'_, PyAny>,
+    response_mask: &Bound<'_, PyAny>,
+    rollout_is_weights: Option<&Bound<'_, PyAny>>,
+    clip_ratio_low: f64,
+    clip_ratio_high: f64,
+    clip_ratio_c: f64,
+    log_ratio_clamp: Option<f64>,
+    row_scale: &Bound<'_, PyAny>,
+    grad_output: f64,
+    out_grad: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let args = PolicyArgs::import(
+        log_prob,
+        old_log_prob,
+        advantages,
+        response_mask,
+        rollout_is_weights,
+    )?;
+    let row_scale = import(row_scale, "row_scale")?;
+    let out = import(out_grad, "out_grad")?;
+    run(py, "hidden_align.dapo.policy_loss backward", move || {
+        let clip = ClipConfig::new(
+            clip_ratio_low,
+            clip_ratio_high,
+            clip_ratio_c,
+            log_ratio_clamp,
+        )?;
+        dapo::policy_loss_backward(
+            &args.views()?,
+            &clip,
+            &row_scale.view()?,
+            grad_output,
+            &mut out.view()?,
+        )
+    })
+}
