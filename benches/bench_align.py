@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import median_seconds, ms, write_table  # noqa: E402
-from reference import eager_alignment_loss  # noqa: E402
 
 import hidden_align as ha  # noqa: E402
+
+from reference import eager_alignment_loss  # noqa: E402
 
 
 def setup(batch, seq, hidden_size, group, dtype):

@@ -122,3 +122,98 @@ def eager_alignment_loss(hidden, index, rewards, group_size, eps=1e-8):
     valid = count > 0
     per_group = 1 - (sim * pair).sum((1, 2)) / count.clamp_min(1)
     return (per_group * valid).sum() / valid.sum().clamp_min(1)
+
+
+# ---- DAPO (DESIGN section 4) ----------------------------------------------------------------
+
+
+def grpo_advantages(scores, labels, eps=1e-6, norm_by_std=True):
+    """Per group mean and unbiased std; singleton groups use mean 0, std 1."""
+    scores = scores.double()
+    if scores.dim() == 2:
+        scores = scores.sum(-1)
+    out = torch.empty_like(scores)
+    for g in set(labels.tolist()):
+        idx = [i for i, label in enumerate(labels.tolist()) if label == g]
+        vals = scores[idx]
+        mean, std = (vals.mean(), vals.std()) if len(idx) > 1 else (0.0, 1.0)
+        out[idx] = (vals - mean) / (std + eps) if norm_by_std else vals - mean
+    return out
+
+
+def dynamic_sampling(metric, labels):
+    keep = torch.empty(len(labels), dtype=torch.bool)
+    for g in set(labels.tolist()):
+        idx = [i for i, label in enumerate(labels.tolist()) if label == g]
+        vals = metric[idx].double()
+        keep[idx] = len(idx) == 1 or bool(vals.std(unbiased=False) > 0)
+    return keep
+
+
+def overlong(lengths, max_len, buffer, factor=1.0):
+    exceed = lengths.double() - (max_len - buffer)
+    return torch.clamp(-exceed / buffer * factor, max=0.0)
+
+
+def policy_loss(
+    logp,
+    old,
+    adv,
+    mask,
+    clip_low=0.2,
+    clip_high=0.28,
+    clip_c=10.0,
+    clamp=20.0,
+    agg="token-mean",
+    weights=None,
+    batch_num_tokens=None,
+    dp_size=1,
+    global_batch_size=None,
+    loss_scale_factor=None,
+):
+    """The clipped token loss and its aggregation, written from the formulas; masked positions
+    are replaced before use so garbage there cannot leak. Returns (loss, metrics)."""
+    m = mask.double()
+    on = m != 0
+    if adv.dim() == 1:
+        adv = adv[:, None].expand_as(logp)
+
+    def safe(x):
+        return torch.where(on, x.double(), torch.zeros_like(x, dtype=torch.float64))
+
+    lp, old, adv = safe(logp), safe(old), safe(adv)
+    d = lp - old
+    if clamp is not None:
+        d = torch.clamp(d, -clamp, clamp)
+    ratio = torch.exp(d)
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    c1 = torch.maximum(l1, l2)
+    l3 = -adv * clip_c
+    c2 = torch.minimum(l3, c1)
+    tok = torch.where(adv < 0, c2, c1)
+    if weights is not None:
+        tok = tok * safe(weights)
+    lm = tok * m
+    den = m.sum() + 1e-8
+    metrics = {
+        "pg_clipfrac": ((l2 > l1).double() * m).sum() / den,
+        "ppo_kl": (-d * m).sum() / den,
+        "pg_clipfrac_lower": (((c1 > l3) & (adv < 0)).double() * m).sum() / den,
+    }
+    row_tokens = m.sum(-1)
+    live = (row_tokens > 0).double()
+    if agg == "token-mean":
+        n = m.sum() if batch_num_tokens is None else batch_num_tokens
+        loss = lm.sum() / n * dp_size if n else lm.sum() * 0
+    elif agg == "token-sum":
+        loss = lm.sum() * dp_size
+    else:
+        seq = lm.sum(-1)
+        if agg == "seq-mean-token-mean":
+            seq = seq / (row_tokens + 1e-8)
+        gbs = live.sum() if global_batch_size is None else global_batch_size
+        loss = (seq * live).sum() / gbs * dp_size if gbs else seq.sum() * 0
+        if agg == "seq-mean-token-sum-norm":
+            loss = loss / (logp.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    return loss, metrics

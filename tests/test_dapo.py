@@ -1,0 +1,282 @@
+"""hidden_align.dapo against the formulas of DESIGN section 4 (tests/reference.py)."""
+
+import itertools
+
+import pytest
+import torch
+from dapo_cases import policy_case, with_garbage
+
+import hidden_align as ha
+from hidden_align import dapo
+
+from reference import dynamic_sampling, grpo_advantages, overlong
+from reference import policy_loss as reference_policy_loss
+
+MODES = [
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+]
+NORMALISERS = [
+    {},
+    {"batch_num_tokens": 37, "dp_size": 4, "global_batch_size": 11},
+    {"loss_scale_factor": 5.0, "dp_size": 2, "batch_num_tokens": 20, "global_batch_size": 7},
+]
+
+
+def run_ours(logp, old, adv, mask, **kw):
+    x = logp.detach().clone().requires_grad_()
+    loss, metrics = dapo.policy_loss(x, old, adv, mask, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss, metrics, g
+
+
+def run_reference(logp, old, adv, mask, **kw):
+    names = {
+        "clip_ratio_low": "clip_low",
+        "clip_ratio_high": "clip_high",
+        "clip_ratio_c": "clip_c",
+        "log_ratio_clamp": "clamp",
+        "loss_agg_mode": "agg",
+        "rollout_is_weights": "weights",
+    }
+    kw = {names.get(k, k): v for k, v in kw.items()}
+    x = logp.detach().double().requires_grad_()
+    loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
+    (g,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
+    return loss, metrics, g
+
+
+def assert_matches(ours, ref, atol=1e-6, rtol=1e-5):
+    loss, metrics, g = ours
+    rloss, rmetrics, rg = ref
+    torch.testing.assert_close(loss.double(), rloss.detach(), atol=atol, rtol=rtol)
+    for k in rmetrics:
+        torch.testing.assert_close(metrics[k].double(), rmetrics[k].detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(g.double(), rg, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("mode,norm", list(itertools.product(MODES, range(len(NORMALISERS)))))
+@pytest.mark.parametrize("per_rollout_adv", [False, True])
+def test_policy_loss_matches_reference(mode, norm, per_rollout_adv):
+    logp, old, adv, mask = policy_case(dtype=torch.float64, per_rollout_adv=per_rollout_adv)
+    kw = dict(loss_agg_mode=mode, **NORMALISERS[norm])
+    assert_matches(
+        run_ours(logp, old, adv, mask, **kw),
+        run_reference(logp, old, adv, mask, **kw),
+        atol=1e-12,
+        rtol=1e-10,
+    )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_garbage_at_masked_positions_never_leaks(mode):
+    logp, old, adv, mask = policy_case(dtype=torch.float32)
+    clean = run_ours(logp, old, adv, mask, loss_agg_mode=mode)
+    for value in (float("nan"), float("inf"), -float("inf")):
+        dirty = [with_garbage(t, mask, value) for t in (logp, old, adv)]
+        weights = with_garbage(torch.rand_like(logp), mask, value)
+        loss, metrics, g = run_ours(*dirty, mask, loss_agg_mode=mode)
+        assert torch.equal(loss, clean[0]) and torch.equal(g, clean[2])
+        assert all(torch.equal(metrics[k], clean[1][k]) for k in metrics)
+        loss_w, _, g_w = run_ours(*dirty, mask, loss_agg_mode=mode, rollout_is_weights=weights)
+        assert torch.isfinite(loss_w) and torch.isfinite(g_w).all()
+        assert torch.all(g[~mask] == 0)
+
+
+def test_nan_at_a_valid_position_propagates():
+    logp, old, adv, mask = policy_case(dtype=torch.float32, masked_rows=())
+    logp = logp.clone()
+    logp[0, 0] = float("nan")
+    loss, _, g = run_ours(logp, old, adv, mask)
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize(
+    "dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 5e-3)]
+)
+def test_dtypes(dtype, atol):
+    logp, old, adv, mask = policy_case(dtype=dtype)
+    ours = run_ours(logp, old, adv, mask, loss_agg_mode="seq-mean-token-mean")
+    assert ours[0].dtype == torch.float32 and ours[2].dtype == dtype
+    ref = run_reference(logp, old, adv, mask, loss_agg_mode="seq-mean-token-mean")
+    assert_matches(ours, ref, atol=atol, rtol=atol)
+
+
+def test_clip_options_clamp_weights_and_mask_types():
+    logp, old, adv, mask = policy_case(
+        dtype=torch.float64, spread=10.0
+    )  # |d| up to 30: clamp active
+    assert ((logp - old).abs() > 20).any()
+    weights = torch.rand_like(logp)
+    for kw in [
+        dict(clip_ratio_low=0.1, clip_ratio_high=0.5, clip_ratio_c=3.0),
+        dict(log_ratio_clamp=None),
+        dict(log_ratio_clamp=5.0),
+        dict(rollout_is_weights=weights),
+    ]:
+        assert_matches(
+            run_ours(logp, old, adv, mask, **kw),
+            run_reference(logp, old, adv, mask, **kw),
+            atol=1e-12,
+            rtol=1e-10,
+        )
+    ref = run_ours(logp, old, adv, mask)
+    for m in (
+        mask.to(torch.uint8),
+        mask.long(),
+        mask.int(),
+        mask.float(),
+        mask.double(),
+        mask.bfloat16(),
+    ):
+        ours = run_ours(logp, old, adv, m)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[2], ref[2])
+
+
+def test_strided_inputs():
+    logp, old, adv, mask = policy_case(dtype=torch.float32)
+    wide = torch.randn(6, 20)
+    wide[:, 3:12] = logp
+    ours = run_ours(wide[:, 3:12], old.t().contiguous().t(), adv, mask)
+    ref = run_ours(logp, old, adv, mask)
+    assert torch.equal(ours[0], ref[0]) and torch.equal(ours[2], ref[2])
+
+
+def test_all_masked_gives_zero_not_nan():
+    logp, old, adv, mask = policy_case(dtype=torch.float32)
+    mask = torch.zeros_like(mask)
+    for mode in MODES:
+        loss, metrics, g = run_ours(logp, old, adv, mask, loss_agg_mode=mode)
+        assert loss.item() == 0 and torch.all(g == 0)
+        assert all(v.item() == 0 for v in metrics.values())
+
+
+def test_dual_clip_and_tie_gradients():
+    # ratio exactly 1 (d = 0): L1 == L2, the gradient passes whole; A = 0 gives zero gradient.
+    logp = torch.zeros(1, 4, dtype=torch.float64)
+    adv = torch.tensor([[1.0, -1.0, 0.0, -2.0]], dtype=torch.float64)
+    # last token: ratio e^3 ~ 20 with A < 0, beyond c = 3: the dual clip bounds its loss
+    old = torch.tensor([[0.0, 0.0, 0.0, -3.0]], dtype=torch.float64)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    kw = dict(clip_ratio_c=3.0)
+    assert_matches(
+        run_ours(logp, old, adv, mask, **kw),
+        run_reference(logp, old, adv, mask, **kw),
+        atol=1e-12,
+        rtol=1e-12,
+    )
+    loss, metrics, _ = run_ours(logp, old, adv, mask, **kw)
+    assert metrics["pg_clipfrac_lower"].item() == pytest.approx(0.25)  # the dual clip engaged once
+
+
+def test_policy_loss_errors():
+    logp, old, adv, mask = policy_case()
+    with pytest.raises(ha.ShapeError, match="old_log_prob"):
+        dapo.policy_loss(logp, old[:, :-1], adv, mask)
+    with pytest.raises(ha.ShapeError, match="advantages"):
+        dapo.policy_loss(logp, old, adv[:, :-1], mask)
+    with pytest.raises(ha.ShapeError, match="response_mask"):
+        dapo.policy_loss(logp, old, adv, mask[:-1])
+    with pytest.raises(ha.ShapeError, match="log_prob"):
+        dapo.policy_loss(logp[0], old[0], adv[0], mask[0])
+    with pytest.raises(
+        ha.DtypeError, match="old_log_prob: expected dtype float32 \\(the dtype of log_prob\\)"
+    ):
+        dapo.policy_loss(logp, old.double(), adv, mask)
+    with pytest.raises(ha.DtypeError, match="log_prob"):
+        dapo.policy_loss(logp.long(), old.long(), adv.long(), mask)
+    with pytest.raises(ha.ArgumentError, match="loss_agg_mode"):
+        dapo.policy_loss(logp, old, adv, mask, loss_agg_mode="mean")
+    with pytest.raises(ha.ArgumentError, match="clip_ratio_c"):
+        dapo.policy_loss(logp, old, adv, mask, clip_ratio_c=1.0)
+    with pytest.raises(ha.ArgumentError, match="batch_num_tokens"):
+        dapo.policy_loss(logp, old, adv, mask, dp_size=2)
+    with pytest.raises(ha.ArgumentError, match="global_batch_size"):
+        dapo.policy_loss(logp, old, adv, mask, dp_size=2, loss_agg_mode="seq-mean-token-sum")
+    with pytest.raises(ha.ArgumentError, match="dp_size"):
+        dapo.policy_loss(logp, old, adv, mask, dp_size=0)
+    with pytest.raises(ha.DeviceError, match="response_mask"):
+        dapo.policy_loss(logp, old, adv, mask.to("meta"))
+    with pytest.raises(ha.ArgumentError, match="log_prob: expected a torch.Tensor"):
+        dapo.policy_loss(logp.tolist(), old, adv, mask)
+
+
+@pytest.mark.parametrize("grouping", ["ids", "size"])
+@pytest.mark.parametrize("norm_by_std", [True, False])
+def test_group_advantages(grouping, norm_by_std):
+    batch, g = 24, 4
+    scores = torch.where(torch.rand(batch) < 0.5, 1.0, -1.0)
+    scores[:g] = 1.0  # a constant group: std 0
+    if grouping == "ids":
+        labels = torch.arange(batch) // g * 5 - 9
+        perm = torch.randperm(batch)
+        scores, labels = scores[perm], labels[perm]
+        kw = dict(group_ids=labels)
+    else:
+        labels = torch.arange(batch) // g
+        kw = dict(group_size=g)
+    ours = dapo.group_advantages(scores, norm_by_std=norm_by_std, **kw)
+    assert ours.dtype == torch.float32
+    ref = grpo_advantages(scores, labels, norm_by_std=norm_by_std)
+    torch.testing.assert_close(ours.double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_group_advantages_singletons_token_level_and_eps():
+    labels = torch.tensor([3, 8, 8, 1, 1, 1])
+    rewards = torch.randn(6, 5)
+    ours = dapo.group_advantages(rewards, group_ids=labels, eps=1e-4)
+    torch.testing.assert_close(
+        ours.double(), grpo_advantages(rewards, labels, eps=1e-4), atol=1e-6, rtol=1e-6
+    )
+    assert ours[0].item() == pytest.approx(rewards[0].sum().item() / (1 + 1e-4), rel=1e-6)
+    with pytest.raises(ha.ArgumentError, match="exactly one"):
+        dapo.group_advantages(rewards, group_ids=labels, group_size=2)
+    with pytest.raises(ha.ArgumentError, match="group_size"):
+        dapo.group_advantages(rewards, group_size=4)
+    with pytest.raises(ha.ShapeError, match="scores"):
+        dapo.group_advantages(torch.randn(2, 3, 4), group_size=2)
+
+
+def test_dynamic_sampling_mask():
+    metric = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 5.0, float("nan"), 2.0, 2.0])
+    labels = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 4, 5])
+    ours = dapo.dynamic_sampling_mask(metric, group_ids=labels)
+    expected = [False, False, True, True, True, True, True, False, False, True]
+    assert ours.tolist() == expected
+    finite = metric.nan_to_num(3.0)
+    assert (
+        dapo.dynamic_sampling_mask(finite, group_ids=labels).tolist()
+        == dynamic_sampling(finite, labels).tolist()
+    )
+    assert dapo.dynamic_sampling_mask(torch.tensor([1, 1, 0, 1]), group_size=2).tolist() == [
+        False,
+        False,
+        True,
+        True,
+    ]
+
+
+def test_overlong_penalty():
+    lengths = torch.tensor([0, 100, 3000, 3584, 3585, 4000, 4096])
+    ours = dapo.overlong_penalty(lengths, 4096, 512, 1.0)
+    torch.testing.assert_close(ours.double(), overlong(lengths, 4096, 512, 1.0))
+    assert ours[-1].item() == -1.0 and ours[3].item() == 0.0
+    torch.testing.assert_close(
+        dapo.overlong_penalty(lengths.float(), 4096, 512, 0.5).double(),
+        overlong(lengths, 4096, 512, 0.5),
+    )
+    with pytest.raises(ha.ArgumentError, match="buffer_length"):
+        dapo.overlong_penalty(lengths, 4096, 0)
+
+
+def test_group_ids_from_uids_is_stable():
+    ids = dapo.group_ids_from_uids(["a", "b", "a", "c"])
+    assert ids.dtype == torch.int64 and ids[0] == ids[2] and len(set(ids.tolist())) == 3
+    # Fixed across processes and runs (not Python's salted hash).
+    assert dapo.group_ids_from_uids(["uid-0"]).item() == dapo.group_ids_from_uids(["uid-0"]).item()
+    assert dapo.group_ids_from_uids(["uid-0"]).item() == int.from_bytes(
+        __import__("hashlib").blake2b(b"uid-0", digest_size=8).digest(), "little", signed=True
+    )
