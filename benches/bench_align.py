@@ -69,6 +69,55 @@ def bench_step(hidden, index, rewards, group, reps, align_terms, vocab=16):
     return out
 
 
+def run(args, dtype_name):
+    dtype = getattr(torch, dtype_name)
+    hidden, index, rewards = setup(args.batch, args.seq, args.hidden, args.group, dtype)
+    g = args.group
+
+    def ours(h):
+        return ha.loss(h, index, rewards, group_size=g)
+
+    def eager(h):
+        return eager_alignment_loss(h, index, rewards, g)
+
+    providers = {"eager": eager}
+    if args.compile:
+        providers["torch.compile"] = torch.compile(eager)
+    providers["hidden_align"] = ours
+
+    shape = f"B={args.batch} (G={g}), T={args.seq}, H={args.hidden}, {dtype_name}"
+    loss_rows = bench_loss(hidden, index, rewards, g, args.reps, providers)
+    ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
+    table = [
+        (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x") for name, f, b in loss_rows
+    ]
+    print(
+        write_table(
+            f"align-loss-{dtype_name}",
+            f"Alignment loss alone, {shape} (median of {args.reps})",
+            ["provider", "forward ms", "vs eager", "fwd+bwd ms", "vs eager"],
+            table,
+        )
+    )
+    step_rows = bench_step(
+        hidden, index, rewards, g, args.reps, {"eager": eager, "hidden_align": ours}
+    )
+    base = step_rows[0][1]
+    table = [
+        (name, ms(t), "-" if i == 0 else f"+{100 * (t / base - 1):.1f}%")
+        for i, (name, t) in enumerate(step_rows)
+    ]
+    print(
+        write_table(
+            f"align-step-{dtype_name}",
+            f"Whole step with a linear head on hidden, {shape} (median of {args.reps})",
+            ["step", "ms", "overhead of the alignment term"],
+            table,
+        )
+    )
+    del hidden
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"])
@@ -81,53 +130,7 @@ def main():
     args = parser.parse_args()
 
     for dtype_name in args.dtype:
-        dtype = getattr(torch, dtype_name)
-        hidden, index, rewards = setup(args.batch, args.seq, args.hidden, args.group, dtype)
-        g = args.group
-
-        def ours(h):
-            return ha.loss(h, index, rewards, group_size=g)
-
-        def eager(h):
-            return eager_alignment_loss(h, index, rewards, g)
-
-        providers = {"eager": eager}
-        if args.compile:
-            providers["torch.compile"] = torch.compile(eager)
-        providers["hidden_align"] = ours
-
-        shape = f"B={args.batch} (G={g}), T={args.seq}, H={args.hidden}, {dtype_name}"
-        loss_rows = bench_loss(hidden, index, rewards, g, args.reps, providers)
-        ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
-        table = [
-            (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x")
-            for name, f, b in loss_rows
-        ]
-        print(
-            write_table(
-                f"align-loss-{dtype_name}",
-                f"Alignment loss alone, {shape} (median of {args.reps})",
-                ["provider", "forward ms", "vs eager", "fwd+bwd ms", "vs eager"],
-                table,
-            )
-        )
-        step_rows = bench_step(
-            hidden, index, rewards, g, args.reps, {"eager": eager, "hidden_align": ours}
-        )
-        base = step_rows[0][1]
-        table = [
-            (name, ms(t), "-" if i == 0 else f"+{100 * (t / base - 1):.1f}%")
-            for i, (name, t) in enumerate(step_rows)
-        ]
-        print(
-            write_table(
-                f"align-step-{dtype_name}",
-                f"Whole step with a linear head on hidden, {shape} (median of {args.reps})",
-                ["step", "ms", "overhead of the alignment term"],
-                table,
-            )
-        )
-        del hidden
+        run(args, dtype_name)
 
 
 if __name__ == "__main__":

@@ -280,3 +280,18 @@ def test_group_ids_from_uids_is_stable():
     assert dapo.group_ids_from_uids(["uid-0"]).item() == int.from_bytes(
         __import__("hashlib").blake2b(b"uid-0", digest_size=8).digest(), "little", signed=True
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_loss_retain_graph_and_leaf_accumulation(dtype):
+    """The first backward hands out the factor saved by the forward; a second one recomputes."""
+    logp, old, adv, mask = policy_case(dtype=dtype)
+    x = logp.clone().requires_grad_()
+    loss, _ = dapo.policy_loss(x, old, adv, mask, loss_agg_mode="seq-mean-token-sum")
+    (2 * loss).backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 1.5 * first)
+    ref = run_reference(logp, old, adv, mask, loss_agg_mode="seq-mean-token-sum")[2]
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(first.double(), 2 * ref, atol=tol, rtol=tol)

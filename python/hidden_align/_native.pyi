@@ -38,3 +38,55 @@ def align_backward(
 ) -> None: ...
 def scatter_add_rows(dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> None: ...
 def data_ptr(tensor: torch.Tensor) -> int: ...
+def group_advantages(
+    scores: torch.Tensor,
+    group_ids: torch.Tensor | None,
+    group_size: int | None,
+    eps: float,
+    norm_by_std: bool,
+    out: torch.Tensor,
+) -> None: ...
+def dynamic_sampling_mask(
+    metric: torch.Tensor, group_ids: torch.Tensor | None, group_size: int | None, out: torch.Tensor
+) -> None: ...
+def overlong_penalty(
+    response_lengths: torch.Tensor,
+    max_response_length: float,
+    buffer_length: float,
+    penalty_factor: float,
+    out: torch.Tensor,
+) -> None: ...
+def policy_loss_forward(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float,
+    log_ratio_clamp: float | None,
+    loss_agg_mode: str,
+    batch_num_tokens: float | None,
+    dp_size: int,
+    global_batch_size: float | None,
+    loss_scale_factor: float | None,
+    out_scalars: torch.Tensor,
+    out_row_scale: torch.Tensor,
+    out_factor: torch.Tensor | None,
+) -> None: ...
+def policy_loss_backward(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    rollout_is_weights: torch.Tensor | None,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float,
+    log_ratio_clamp: float | None,
+    row_scale: torch.Tensor,
+    grad_output: float,
+    out_grad: torch.Tensor,
+    saved_factor: bool,
+) -> None: ...

@@ -199,7 +199,14 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 class _PolicyLoss(torch.autograd.Function):
-    """Fused clipped policy loss; gradient w.r.t. ``log_prob`` only."""
+    """Fused clipped policy loss; gradient w.r.t. ``log_prob`` only.
+
+    The forward also writes the per-token derivative (``m w dl/dlogp``) into the buffer that
+    becomes the gradient, so the backward is one scaling pass; a second backward
+    (``retain_graph=True``) recomputes from the inputs. For bfloat16/float16 that buffer holds
+    the derivative rounded to the input dtype, so the gradient is rounded twice (within one
+    unit in the last place of the rounded-once value).
+    """
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, weights, clip, agg):
@@ -208,12 +215,18 @@ class _PolicyLoss(torch.autograd.Function):
         batch = log_prob.shape[0] if log_prob.dim() == 2 else 0
         scalars = torch.empty(4, dtype=acc, device=dev)
         row_scale = torch.empty(batch, dtype=acc, device=dev)
+        factor = None
+        if log_prob.requires_grad:
+            factor = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
         tensors = [old_log_prob.detach(), advantages.detach(), response_mask.detach()]
         w = None if weights is None else weights.detach()
-        _native.policy_loss_forward(log_prob.detach(), *tensors, w, *clip, *agg, scalars, row_scale)
+        _native.policy_loss_forward(
+            log_prob.detach(), *tensors, w, *clip, *agg, scalars, row_scale, factor
+        )
         ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
         ctx.weights = w
         ctx.clip = clip
+        ctx.factor = factor
         metrics = scalars[1:]
         ctx.mark_non_differentiable(metrics)
         return scalars[0].clone(), metrics
@@ -223,7 +236,11 @@ class _PolicyLoss(torch.autograd.Function):
         log_prob, old, adv, mask, row_scale = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
-        grad = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
+        # The saved factor is handed out once; dropping our reference makes it the caller's.
+        grad, ctx.factor = ctx.factor, None
+        saved = grad is not None
+        if not saved:
+            grad = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
         _native.policy_loss_backward(
             log_prob.detach(),
             old.detach(),
@@ -232,10 +249,10 @@ class _PolicyLoss(torch.autograd.Function):
             ctx.weights,
             *ctx.clip,
             row_scale,
-            # The upstream gradient of a scalar loss is one number; reading it is a host sync
-            # on CUDA but free here, and keeps the kernel to one fused pass.
+            # The upstream gradient of a scalar loss is one number, read on the host.
             float(grad_loss),
             grad,
+            saved,
         )
         return grad, None, None, None, None, None, None
 

@@ -2,7 +2,7 @@
 //! f64 inputs) in the order verl's eager formulas use; sums accumulate in f64 per row and are
 //! combined in row order, so results are deterministic.
 
-use num_traits::{Float, One, Zero};
+use num_traits::{Float, Zero};
 
 use super::float::{Acc, Elem, Scalar, Strided2};
 use super::{for_each_chunk, map_range};
@@ -93,13 +93,13 @@ fn nan_min<A: Float>(a: A, b: A) -> A {
     }
 }
 
-/// Clip constants in the accumulator type.
+/// Clip constants in the accumulator type; no log-ratio clamp is a clamp at infinity.
 #[derive(Clone, Copy)]
 struct Clip<A> {
     lo: A,
     hi: A,
     c: A,
-    clamp: Option<A>,
+    clamp: A,
 }
 
 impl<A: Acc> Clip<A> {
@@ -108,82 +108,57 @@ impl<A: Acc> Clip<A> {
             lo: A::of(1.0 - cfg.low),
             hi: A::of(1.0 + cfg.high),
             c: A::of(cfg.c),
-            clamp: cfg.log_ratio_clamp.map(A::of),
+            clamp: cfg.log_ratio_clamp.map_or(A::infinity(), A::of),
         }
     }
 }
 
-/// Everything one token contributes, forward and backward.
+/// Everything one token contributes, forward and backward. Flags are 0/1 numbers so that the
+/// whole computation is selects and arithmetic, which vectorises.
 struct Token<A> {
     /// The per-token loss before weights.
     loss: A,
     /// Clamped log-ratio d.
     d: A,
     /// `L2 > L1`.
-    clipped: bool,
+    clipped: A,
     /// `(C1 > L3) & (A < 0)`.
-    clipped_lower: bool,
+    clipped_lower: A,
     /// d(loss)/d(log_prob).
     grad: A,
+}
+
+#[inline(always)]
+fn pick<A: Float>(cond: bool, yes: A, no: A) -> A {
+    if cond { yes } else { no }
 }
 
 /// verl `compute_policy_loss_vanilla` for one token, with the derivative autograd would give
 /// (ties of max/min split the gradient in half, clamps pass it on their closed interval).
 #[inline(always)]
 fn token<A: Acc>(lp: A, old: A, adv: A, k: &Clip<A>) -> Token<A> {
+    let (zero, one, half) = (A::zero(), A::one(), A::of(0.5));
     let raw = lp - old;
-    let (d, d_grad) = match k.clamp {
-        // max/min would swallow a NaN: keep it, so NaN in gives NaN out as in torch.clamp.
-        Some(_) if raw.is_nan() => (raw, A::one()),
-        Some(c) => (
-            raw.max(-c).min(c),
-            if raw >= -c && raw <= c {
-                A::one()
-            } else {
-                A::zero()
-            },
-        ),
-        None => (raw, A::one()),
-    };
-    let ratio = d.exp();
+    // max/min would swallow a NaN: keep it, so NaN in gives NaN out as in torch.clamp.
+    let d = pick(raw.is_nan(), raw, raw.max(-k.clamp).min(k.clamp));
+    let d_grad = pick(raw >= -k.clamp && raw <= k.clamp, one, zero);
+    let ratio = d.exp_fast();
     let l1 = -adv * ratio;
     let l2 = -adv * ratio.max(k.lo).min(k.hi);
-    let dl1 = -adv * ratio;
-    let dl2 = if ratio >= k.lo && ratio <= k.hi {
-        dl1
-    } else {
-        A::zero()
-    };
+    let dl1 = l1;
+    let dl2 = pick(ratio >= k.lo && ratio <= k.hi, dl1, zero);
     let c1 = nan_max(l1, l2);
-    let half = A::of(0.5);
-    let dc1 = if l1 > l2 {
-        dl1
-    } else if l1 < l2 {
-        dl2
-    } else {
-        half * (dl1 + dl2)
-    };
+    let dc1 = pick(l1 > l2, dl1, pick(l1 < l2, dl2, half * (dl1 + dl2)));
     let l3 = -adv * k.c;
-    let negative = adv < A::zero();
-    let (loss, dloss) = if negative {
-        let c2 = nan_min(l3, c1);
-        let share = if c1 < l3 {
-            A::one()
-        } else if c1 == l3 {
-            half
-        } else {
-            A::zero()
-        };
-        (c2, share * dc1)
-    } else {
-        (c1, dc1)
-    };
+    let negative = adv < zero;
+    let c2 = nan_min(l3, c1);
+    let share = pick(c1 < l3, one, pick(c1 == l3, half, zero));
     Token {
-        loss,
+        loss: pick(negative, c2, c1),
         d,
-        clipped: l2 > l1,
-        clipped_lower: c1 > l3 && negative,
-        grad: dloss * d_grad,
+        clipped: pick(l2 > l1, one, zero),
+        clipped_lower: pick(c1 > l3 && negative, one, zero),
+        grad: pick(negative, share, one) * dc1 * d_grad,
     }
 }
 
@@ -217,42 +192,137 @@ impl Views {
     }
 }
 
-/// Forward of the policy loss; fills `scale` with `dloss/d(l m)` per row.
+/// Columns per block: loads and the branch-free token math run over fixed-size local arrays,
+/// which the compiler vectorises; the block sums are then added in f64.
+const BLOCK: usize = 128;
+
+/// One block of a row in the accumulator type, with the mask (zero where masked) and weights.
+struct Block<A> {
+    n: usize,
+    lp: [A; BLOCK],
+    old: [A; BLOCK],
+    adv: [A; BLOCK],
+    mask: [A; BLOCK],
+    w: [A; BLOCK],
+}
+
+impl<A: Acc> Block<A> {
+    fn new() -> Self {
+        let z = [A::zero(); BLOCK];
+        Block {
+            n: 0,
+            lp: z,
+            old: z,
+            adv: z,
+            mask: z,
+            w: [A::one(); BLOCK],
+        }
+    }
+
+    /// Loads columns `c0..c0 + n` of row `r`. Masked positions are replaced by neutral values
+    /// after loading, so garbage there (NaN, inf) never enters the arithmetic.
+    fn load<T: Elem<Acc = A>, M: Scalar>(&mut self, v: &Views, r: usize, c0: usize, n: usize) {
+        self.n = n;
+        read_row::<M, A>(&v.mask, r, c0, &mut self.mask[..n], |m| A::of(m.to_f64()));
+        read_row::<T, A>(&v.lp, r, c0, &mut self.lp[..n], T::load);
+        read_row::<T, A>(&v.old, r, c0, &mut self.old[..n], T::load);
+        read_row::<T, A>(&v.adv, r, c0, &mut self.adv[..n], T::load);
+        if let Some(w) = &v.weights {
+            read_row::<T, A>(w, r, c0, &mut self.w[..n], T::load);
+        }
+        let zero = A::zero();
+        for i in 0..n {
+            let on = self.mask[i] != zero;
+            self.lp[i] = pick(on, self.lp[i], zero);
+            self.old[i] = pick(on, self.old[i], zero);
+            self.adv[i] = pick(on, self.adv[i], zero);
+            self.w[i] = pick(on, self.w[i], zero);
+        }
+    }
+}
+
+/// `out[i] = f(view[r, c0 + i])`, straight from a slice when the columns are contiguous.
+#[inline(always)]
+fn read_row<T: Copy, A>(view: &Strided2, r: usize, c0: usize, out: &mut [A], f: impl Fn(T) -> A) {
+    // SAFETY (both reads): r < B and c0 + out.len() <= T, inside the tensor of the view (the
+    // [B] advantages through their 0 column stride), and T is its element type.
+    if let Some(row) = unsafe { view.row_slice::<T>(r, c0, out.len()) } {
+        out.iter_mut().zip(row).for_each(|(o, &x)| *o = f(x));
+    } else {
+        out.iter_mut()
+            .enumerate()
+            .for_each(|(i, o)| *o = f(unsafe { view.get::<T>(r, c0 + i) }));
+    }
+}
+
+/// Sum in a fixed order over 8 interleaved lanes (vectorisable and deterministic).
+#[inline(always)]
+fn lane_sum<A: Acc>(x: &[A]) -> A {
+    let mut lanes = [A::zero(); 8];
+    let chunks = x.chunks_exact(8);
+    let mut total = chunks.remainder().iter().fold(A::zero(), |a, &b| a + b);
+    for c in chunks {
+        for j in 0..8 {
+            lanes[j] += c[j];
+        }
+    }
+    for l in lanes {
+        total += l;
+    }
+    total
+}
+
+/// Forward of the policy loss; fills `scale` with `dloss/d(l m)` per row, and `factor` (when
+/// given, `[B, T]` contiguous) with `m w dl/dlog_prob`, so that the backward is one scaling.
 pub fn policy_forward<T: Elem, M: Scalar>(
     inputs: &PolicyInputs,
     (b, t): (usize, usize),
     clip: &ClipConfig,
     agg: &AggConfig,
     scale: &mut [T::Acc],
+    factor: Option<&mut [T]>,
 ) -> PolicyForward {
     let v = Views::of(inputs);
     let k = Clip::<T::Acc>::of(clip);
+    let factor_base = factor.map(|f| f.as_mut_ptr() as usize);
     let rows: Vec<RowSums> = map_range(b, b * t, |r| {
         let mut s = RowSums::default();
-        for c in 0..t {
-            // SAFETY (all reads): r < B, c < T, each view matches its tensor's dtype; the
-            // other inputs are read only where the mask is nonzero, so masked garbage is
-            // never touched.
-            let m = unsafe { v.mask.get::<M>(r, c) }.to_f64();
-            if m == 0.0 {
-                continue;
+        let mut blk = Block::<T::Acc>::new();
+        let zero = T::Acc::zero();
+        // Per-token terms of one block, reduced afterwards: a running sum inside the token
+        // loop would serialise it and stop vectorisation.
+        let (mut tl, mut tk, mut tc, mut to, mut tg) = (
+            [zero; BLOCK],
+            [zero; BLOCK],
+            [zero; BLOCK],
+            [zero; BLOCK],
+            [zero; BLOCK],
+        );
+        for c0 in (0..t).step_by(BLOCK) {
+            let n = BLOCK.min(t - c0);
+            blk.load::<T, M>(&v, r, c0, n);
+            for i in 0..n {
+                let tok = token(blk.lp[i], blk.old[i], blk.adv[i], &k);
+                let (m, w) = (blk.mask[i], blk.w[i]);
+                tl[i] = tok.loss * w * m;
+                tk[i] = -tok.d * m;
+                tc[i] = tok.clipped * m;
+                to[i] = tok.clipped_lower * m;
+                tg[i] = tok.grad * w * m;
             }
-            let (lp, old, adv) = unsafe {
-                (
-                    v.lp.get::<T>(r, c).load(),
-                    v.old.get::<T>(r, c).load(),
-                    v.adv.get::<T>(r, c).load(),
-                )
-            };
-            let tok = token(lp, old, adv, &k);
-            let w = v
-                .weights
-                .map_or(T::Acc::one(), |w| unsafe { w.get::<T>(r, c) }.load());
-            s.loss += (tok.loss * w).f64() * m;
-            s.mask += m;
-            s.kl += -tok.d.f64() * m;
-            s.clipped += if tok.clipped { m } else { 0.0 };
-            s.clipped_lower += if tok.clipped_lower { m } else { 0.0 };
+            if let Some(base) = factor_base {
+                // SAFETY: factor is a contiguous [B, T] output; this task alone writes row r.
+                let dst =
+                    unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(r * t + c0), n) };
+                dst.iter_mut()
+                    .zip(&tg[..n])
+                    .for_each(|(d, &g)| *d = T::store(g));
+            }
+            s.loss += lane_sum(&tl[..n]).f64();
+            s.kl += lane_sum(&tk[..n]).f64();
+            s.clipped += lane_sum(&tc[..n]).f64();
+            s.clipped_lower += lane_sum(&to[..n]).f64();
+            s.mask += lane_sum(&blk.mask[..n]).f64();
         }
         s
     });
@@ -311,7 +381,8 @@ pub fn policy_forward<T: Elem, M: Scalar>(
     }
 }
 
-/// Backward of the policy loss: `out[r, c] = upstream * scale[r] * m * w * dl/dlog_prob`.
+/// Backward of the policy loss: `out[r, c] = upstream * scale[r] * m * w * dl/dlog_prob`,
+/// recomputing the token math (used when the forward saved no factor).
 pub fn policy_backward<T: Elem, M: Scalar>(
     inputs: &PolicyInputs,
     (_, t): (usize, usize),
@@ -325,24 +396,23 @@ pub fn policy_backward<T: Elem, M: Scalar>(
     let up = T::Acc::of(upstream);
     for_each_chunk(out, t, |r, row| {
         let row_up = up * scale[r];
-        for (c, o) in row.iter_mut().enumerate() {
-            // SAFETY (all reads): as in the forward; masked positions are not read.
-            let m = unsafe { v.mask.get::<M>(r, c) }.to_f64();
-            if m == 0.0 {
-                *o = T::store(T::Acc::zero());
-                continue;
+        let mut blk = Block::<T::Acc>::new();
+        for c0 in (0..t).step_by(BLOCK) {
+            let n = BLOCK.min(t - c0);
+            blk.load::<T, M>(&v, r, c0, n);
+            for i in 0..n {
+                let g = token(blk.lp[i], blk.old[i], blk.adv[i], &k).grad;
+                row[c0 + i] = T::store(row_up * blk.mask[i] * blk.w[i] * g);
             }
-            let (lp, old, adv) = unsafe {
-                (
-                    v.lp.get::<T>(r, c).load(),
-                    v.old.get::<T>(r, c).load(),
-                    v.adv.get::<T>(r, c).load(),
-                )
-            };
-            let w = v
-                .weights
-                .map_or(T::Acc::one(), |w| unsafe { w.get::<T>(r, c) }.load());
-            *o = T::store(row_up * T::Acc::of(m) * w * token(lp, old, adv, &k).grad);
         }
+    });
+}
+
+/// Backward from the factor the forward saved: `grad[r, c] *= upstream * scale[r]`, in place.
+pub fn policy_backward_saved<T: Elem>(t: usize, scale: &[T::Acc], upstream: f64, grad: &mut [T]) {
+    let up = T::Acc::of(upstream);
+    for_each_chunk(grad, t, |r, row| {
+        let s = up * scale[r];
+        row.iter_mut().for_each(|g| *g = T::store(g.load() * s));
     });
 }

@@ -14,6 +14,8 @@ pub trait Acc: Float + Sum + AddAssign + SubAssign + MulAssign + Default + Send 
     fn of(x: f64) -> Self;
     /// Conversion to f64 for results handed back to Python.
     fn f64(self) -> f64;
+    /// `e^x`, branch-free so that loops over it vectorise (f32), or the libm `exp` (f64).
+    fn exp_fast(self) -> Self;
 }
 
 impl Acc for f32 {
@@ -23,6 +25,37 @@ impl Acc for f32 {
     fn f64(self) -> f64 {
         self as f64
     }
+    fn exp_fast(self) -> Self {
+        exp_f32(self)
+    }
+}
+
+/// `e^x` in f32 within 2 ulp: `x = n ln2 + r` with |r| <= ln2/2, a degree-7 Taylor polynomial
+/// for `e^r` (truncation below 1e-8), and `2^n` applied as two exact power-of-two factors so
+/// that results down to the subnormal range and up to overflow come out right. NaN stays NaN.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    // Round to nearest through the 1.5 * 2^23 trick (vectorises, unlike f32::round).
+    const SHIFT: f32 = 12_582_912.0;
+    let xc = x.clamp(-104.0, 89.0);
+    let n = (xc * LOG2E + SHIFT) - SHIFT;
+    let r = (xc - n * LN2_HI) - n * LN2_LO;
+    let mut p = 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    let n = n as i32;
+    let half = n >> 1;
+    let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
+    let y = p * scale(half) * scale(n - half);
+    if x.is_nan() { x } else { y }
 }
 
 impl Acc for f64 {
@@ -31,6 +64,9 @@ impl Acc for f64 {
     }
     fn f64(self) -> f64 {
         self
+    }
+    fn exp_fast(self) -> Self {
+        self.exp()
     }
 }
 
@@ -211,6 +247,22 @@ impl Strided2 {
         }
     }
 
+    /// Elements `(r, c0..c0 + n)` as a slice when columns are contiguous.
+    ///
+    /// # Safety
+    /// As for [`Strided2::get`], for every column in the range.
+    #[inline(always)]
+    pub unsafe fn row_slice<T>(&self, r: usize, c0: usize, n: usize) -> Option<&[T]> {
+        if self.cs != 1 {
+            return None;
+        }
+        // SAFETY: contiguous columns, in bounds by the caller's promise.
+        Some(unsafe {
+            let p = (self.base as *const T).offset(r as isize * self.rs + c0 as isize);
+            std::slice::from_raw_parts(p, n)
+        })
+    }
+
     /// Reads element `(r, c)`.
     ///
     /// # Safety
@@ -219,5 +271,32 @@ impl Strided2 {
     pub unsafe fn get<T: Copy>(&self, r: usize, c: usize) -> T {
         // SAFETY: the caller keeps (r, c) in bounds and T the element type.
         unsafe { *(self.base as *const T).offset(r as isize * self.rs + c as isize * self.cs) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exp_f32;
+
+    #[test]
+    fn exp_f32_within_two_ulp_everywhere() {
+        let mut worst = 0f64;
+        let mut x = -103.0f32;
+        while x < 88.7 {
+            let exact = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            let ulp = (exact as f32).abs() * f32::EPSILON;
+            if exact > 1e-37 {
+                worst = worst.max((got - exact).abs() / ulp as f64);
+            }
+            x += 0.0137;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulp");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
     }
 }

@@ -566,7 +566,7 @@ mod tests {
 
     #[test]
     fn labels_become_dense_indices_in_sorted_order() {
-        let mut h = vec![0f32; 4 * 2 * 1];
+        let mut h = vec![0f32; 8];
         let mut idx = vec![0i64, 1, -1, 0];
         let mut r = vec![1f32, 0.0, 1.0, 0.7];
         let mut ids = vec![42i64, -3, 42, 7];

@@ -387,53 +387,70 @@ pub struct PolicyForward {
 }
 
 /// Forward of the clipped policy loss in one pass. Writes `dloss/d(l m)` per row into
-/// `row_scale` (float32 `[B]`, float64 for float64 inputs) for the backward.
+/// `row_scale` (float32 `[B]`, float64 for float64 inputs) and, when `factor` is given (a
+/// contiguous `[B, T]` tensor of log_prob's dtype), the per-token `m w dl/dlog_prob`, which
+/// turns the backward into one scaling pass.
 pub fn policy_loss_forward(
     inputs: &PolicyInputs,
     clip: &ClipConfig,
     agg: &AggConfig,
     row_scale: &mut TensorRef,
+    factor: Option<&mut TensorRef>,
 ) -> Result<PolicyForward> {
     let (b, t) = inputs.validate()?;
-    let acc = if inputs.log_prob.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
+    let acc = accumulator(inputs.log_prob.dtype());
     expect_out(row_scale, &[b], acc)?;
+    if let Some(f) = &factor {
+        expect_out(f, &[b, t], inputs.log_prob.dtype())?;
+    }
     crate::dispatch_float!(inputs.log_prob.dtype(), T => {
         crate::dispatch_any!(inputs.response_mask.dtype(), M => {
-            // SAFETY: row_scale is a fresh output owned by this call.
+            // SAFETY: row_scale and factor are fresh outputs owned by this call.
             let scale = unsafe { row_scale.as_mut_slice::<<T as cpu::float::Elem>::Acc>()? };
-            Ok(cpu::dapo::policy_forward::<T, M>(inputs, (b, t), clip, agg, scale))
+            let factor = match factor {
+                Some(f) => Some(unsafe { f.as_mut_slice::<T>()? }),
+                None => None,
+            };
+            Ok(cpu::dapo::policy_forward::<T, M>(inputs, (b, t), clip, agg, scale, factor))
         })
     })
 }
 
 /// Backward of the clipped policy loss in one pass: `grad` (`[B, T]`, the dtype of
-/// `log_prob`) receives `upstream * dloss/dlog_prob`; zero at masked positions.
+/// `log_prob`) receives `upstream * dloss/dlog_prob`, zero at masked positions. With
+/// `saved_factor`, `grad` holds the factor the forward wrote and is scaled in place; otherwise
+/// the token math is recomputed from the inputs.
 pub fn policy_loss_backward(
     inputs: &PolicyInputs,
     clip: &ClipConfig,
     row_scale: &TensorRef,
     upstream: f64,
     grad: &mut TensorRef,
+    saved_factor: bool,
 ) -> Result<()> {
     let (b, t) = inputs.validate()?;
-    let acc = if inputs.log_prob.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    expect_out(row_scale, &[b], acc)?;
+    expect_out(row_scale, &[b], accumulator(inputs.log_prob.dtype()))?;
     expect_out(grad, &[b, t], inputs.log_prob.dtype())?;
     crate::dispatch_float!(inputs.log_prob.dtype(), T => {
+        let scale = row_scale.as_slice::<<T as cpu::float::Elem>::Acc>()?;
+        // SAFETY: grad is an output owned by this call (fresh, or the saved factor that only
+        // the autograd node holds).
+        let out = unsafe { grad.as_mut_slice::<T>()? };
+        if saved_factor {
+            cpu::dapo::policy_backward_saved::<T>(t, scale, upstream, out);
+            return Ok(());
+        }
         crate::dispatch_any!(inputs.response_mask.dtype(), M => {
-            let scale = row_scale.as_slice::<<T as cpu::float::Elem>::Acc>()?;
-            // SAFETY: grad is a fresh output owned by this call.
-            let out = unsafe { grad.as_mut_slice::<T>()? };
             cpu::dapo::policy_backward::<T, M>(inputs, (b, t), clip, scale, upstream, out);
             Ok(())
         })
     })
+}
+
+fn accumulator(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }

@@ -128,7 +128,7 @@ impl PolicyArgs {
 #[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
                     clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, loss_agg_mode,
                     batch_num_tokens, dp_size, global_batch_size, loss_scale_factor,
-                    out_scalars, out_row_scale))]
+                    out_scalars, out_row_scale, out_factor))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_forward(
     py: Python<'_>,
@@ -148,6 +148,7 @@ pub fn policy_loss_forward(
     loss_scale_factor: Option<f64>,
     out_scalars: &Bound<'_, PyAny>,
     out_row_scale: &Bound<'_, PyAny>,
+    out_factor: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
     let args = PolicyArgs::import(
         log_prob,
@@ -158,6 +159,7 @@ pub fn policy_loss_forward(
     )?;
     let out = import(out_row_scale, "out_row_scale")?;
     let scalars = import(out_scalars, "out_scalars")?;
+    let factor = import_opt(out_factor, "out_factor")?;
     let mode = loss_agg_mode.to_owned();
     run(py, "hidden_align.dapo.policy_loss", move || {
         let clip = ClipConfig::new(
@@ -173,17 +175,25 @@ pub fn policy_loss_forward(
             global_batch_size,
             loss_scale_factor,
         )?;
-        let f = dapo::policy_loss_forward(&args.views()?, &clip, &agg, &mut out.view()?)?;
+        let mut factor = view_opt(&factor)?;
+        let f = dapo::policy_loss_forward(
+            &args.views()?,
+            &clip,
+            &agg,
+            &mut out.view()?,
+            factor.as_mut(),
+        )?;
         let values = [f.loss, f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
         write_floats(&mut scalars.view()?, values.into_iter())
     })
 }
 
-/// Backward of the clipped policy loss into `out_grad` (`[B, T]`, the dtype of log_prob).
+/// Backward of the clipped policy loss into `out_grad` (`[B, T]`, the dtype of log_prob);
+/// with `saved_factor`, `out_grad` holds the forward's `out_factor` and is scaled in place.
 #[pyfunction]
 #[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
                     clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, row_scale,
-                    grad_output, out_grad))]
+                    grad_output, out_grad, saved_factor))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_backward(
     py: Python<'_>,
@@ -199,6 +209,7 @@ pub fn policy_loss_backward(
     row_scale: &Bound<'_, PyAny>,
     grad_output: f64,
     out_grad: &Bound<'_, PyAny>,
+    saved_factor: bool,
 ) -> PyResult<()> {
     let args = PolicyArgs::import(
         log_prob,
@@ -222,6 +233,7 @@ pub fn policy_loss_backward(
             &row_scale.view()?,
             grad_output,
             &mut out.view()?,
+            saved_factor,
         )
     })
 }
