@@ -109,7 +109,8 @@ def bench_policy(reps):
     ]:
         data = inputs(batch, seq, getattr(torch, dtype_name))
         times = {
-            p: median_seconds(lambda p=p: PROVIDERS[p](*data), reps, warmup=3) for p in PROVIDERS
+            p: median_seconds(lambda p=p, data=data: PROVIDERS[p](*data), reps, warmup=3)
+            for p in PROVIDERS
         }
         bt_f32 = batch * seq * 4
         mem = {p: peak_extra_bytes(p, batch, seq, dtype_name) for p in PROVIDERS}
