@@ -5,10 +5,10 @@
 //! and reduced in a fixed order, so results are bitwise reproducible.
 
 use ndarray::Array2;
-use num_traits::{Float, Zero};
+use num_traits::{Float, One, Zero};
 
-use super::float::{Acc, Elem};
-use super::{for_each_chunk, map_range};
+use super::float::{Acc, Elem, dot};
+use super::{for_each_chunk, for_each_chunk_with, map_range};
 use crate::ops::align::{AlignConfig, AlignForward, AnchorPlan, LossType, Reduction, RowSpace};
 use crate::tensor::TensorRef;
 
@@ -16,8 +16,8 @@ use crate::tensor::TensorRef;
 struct Anchored<A> {
     /// Rollout of each gathered row.
     rollout: Vec<usize>,
-    /// Raw states `h` `[m, H]`.
-    h: Array2<A>,
+    /// Raw states `h` `[m, H]`, kept for `mse` only.
+    h: Option<Array2<A>>,
     /// Unit states `u = h / max(||h||, eps)` `[m, H]`.
     u: Array2<A>,
     /// `1 / max(||h||, eps)` per row.
@@ -41,33 +41,52 @@ fn gather<T: Elem>(
         .filter(|&b| plan.rows[b] >= 0 && (plan.correct[b] || with_negatives))
         .collect();
     let hs = space.hidden_size;
-    let mut h = Array2::<T::Acc>::zeros((rollout.len(), hs));
     // Raw pointers are not Sync; the address crosses into the workers as an integer.
     let base = hidden.data_ptr() as usize;
-    let rows = h.as_slice_mut().expect("fresh arrays are contiguous");
-    for_each_chunk(rows, hs, |i, row| {
+    let load_row = |i: usize, row: &mut [T::Acc]| {
         let off = space.offset(plan.rows[rollout[i]] as usize);
         let base = base as *const T;
+        if space.feature_stride == 1 {
+            // SAFETY: as below, for the H contiguous elements of the row.
+            let src = unsafe { std::slice::from_raw_parts(base.offset(off), row.len()) };
+            row.iter_mut().zip(src).for_each(|(x, &v)| *x = v.load());
+            return;
+        }
         for (j, x) in row.iter_mut().enumerate() {
             // SAFETY: plan rows were checked against the row space of `hidden`, and j < H;
             // the TensorRef invariant covers every such element.
             *x = unsafe { *base.offset(off + j as isize * space.feature_stride) }.load();
         }
-    });
+    };
     let eps = T::Acc::of(cfg.eps);
-    let mut u = h.clone();
-    // Per row: 1 / max(||h||, eps) and whether the clamp was hit.
-    let scales: Vec<(T::Acc, bool)> = map_range(rollout.len(), rollout.len() * hs, |i| {
-        let hr = row(&h, i);
-        let norm = dot(hr, hr).sqrt();
-        if norm <= eps {
-            (eps.recip(), true)
-        } else {
-            (norm.recip(), false)
-        }
-    });
-    for_each_chunk(u.as_slice_mut().expect("contiguous"), hs, |i, row| {
-        row.iter_mut().for_each(|x| *x *= scales[i].0);
+    // One pass per row: load, norm, normalise in place; the row's scale 1 / max(||h||, eps)
+    // and whether the clamp was hit go to `scales`.
+    let mut u = Array2::<T::Acc>::zeros((rollout.len(), hs));
+    let mut scales = vec![(T::Acc::zero(), false); rollout.len()];
+    for_each_chunk_with(
+        u.as_slice_mut().expect("fresh arrays are contiguous"),
+        hs,
+        &mut scales,
+        |i, row, scale| {
+            load_row(i, row);
+            let norm = dot(row, row).sqrt();
+            *scale = if norm <= eps {
+                (eps.recip(), true)
+            } else {
+                (norm.recip(), false)
+            };
+            row.iter_mut().for_each(|x| *x *= scale.0);
+        },
+    );
+    // Only mse needs the raw states.
+    let h = (cfg.loss_type == LossType::Mse).then(|| {
+        let mut h = Array2::<T::Acc>::zeros((rollout.len(), hs));
+        for_each_chunk(
+            h.as_slice_mut().expect("fresh arrays are contiguous"),
+            hs,
+            load_row,
+        );
+        h
     });
     let inv_norm = scales.iter().map(|s| s.0).collect();
     let clamped = scales.iter().map(|s| s.1).collect();
@@ -100,10 +119,6 @@ fn gather_work<A>(a: &Anchored<A>, cfg: &AlignConfig) -> usize {
         2
     };
     a.u.len() * pairs
-}
-
-fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
-    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
 }
 
 fn row<A>(m: &Array2<A>, i: usize) -> &[A] {
@@ -153,16 +168,18 @@ fn group_loss<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
                 / n
         }
         LossType::Mse => {
-            let mean: Vec<A> = sum_rows(&a.h, members).into_iter().map(|x| x / n).collect();
-            let h = A::of(a.h.ncols() as f64);
+            let raw = a.h.as_ref().expect("mse keeps the raw states");
+            let mean: Vec<A> = sum_rows(raw, members).into_iter().map(|x| x / n).collect();
+            let h = A::of(raw.ncols() as f64);
             members
                 .iter()
                 .map(|&i| {
-                    row(&a.h, i)
+                    let dev: Vec<A> = row(raw, i)
                         .iter()
                         .zip(&mean)
-                        .map(|(&x, &m)| (x - m) * (x - m))
-                        .sum::<A>()
+                        .map(|(&x, &m)| x - m)
+                        .collect();
+                    dot(&dev, &dev)
                 })
                 .sum::<A>()
                 / (n * h)
@@ -232,12 +249,13 @@ pub fn forward<T: Elem>(
     let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> = map_range(plan.num_groups, work, |g| {
         let n = a.correct[g].len();
         let valid = is_valid(cfg, n, a.negative[g].len());
-        let loss = if valid {
-            group_loss(&a, cfg, g)
-        } else {
-            T::Acc::zero()
-        };
         let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
+        let loss = match (valid, cosine) {
+            (false, _) => T::Acc::zero(),
+            // The cosine loss is the statistic's complement: computed once.
+            (true, Some(c)) if cfg.loss_type == LossType::Cosine => T::Acc::one() - c,
+            (true, _) => group_loss(&a, cfg, g),
+        };
         (loss, valid, cosine)
     });
     let valid_groups = per_group.iter().filter(|p| p.1).count();
@@ -358,14 +376,15 @@ fn group_grad<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize, w: A) -> Vec
                 .collect()
         }
         LossType::Mse => {
-            let mean: Vec<A> = sum_rows(&a.h, members).into_iter().map(|x| x / n).collect();
-            let scale = A::of(2.0) * w / (n * A::of(a.h.ncols() as f64));
+            let raw = a.h.as_ref().expect("mse keeps the raw states");
+            let mean: Vec<A> = sum_rows(raw, members).into_iter().map(|x| x / n).collect();
+            let scale = A::of(2.0) * w / (n * A::of(raw.ncols() as f64));
             members
                 .iter()
                 .map(|&i| {
                     (
                         i,
-                        row(&a.h, i)
+                        row(raw, i)
                             .iter()
                             .zip(&mean)
                             .map(|(&x, &m)| scale * (x - m))

@@ -4,7 +4,7 @@
 
 use num_traits::{Float, Zero};
 
-use super::float::{Acc, Elem, Scalar, Strided2};
+use super::float::{Acc, Elem, Scalar, Strided2, lane_sum};
 use super::{for_each_chunk, map_range};
 use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
 use crate::ops::groups::members;
@@ -253,23 +253,6 @@ fn read_row<T: Copy, A>(view: &Strided2, r: usize, c0: usize, out: &mut [A], f: 
             .enumerate()
             .for_each(|(i, o)| *o = f(unsafe { view.get::<T>(r, c0 + i) }));
     }
-}
-
-/// Sum in a fixed order over 8 interleaved lanes (vectorisable and deterministic).
-#[inline(always)]
-fn lane_sum<A: Acc>(x: &[A]) -> A {
-    let mut lanes = [A::zero(); 8];
-    let chunks = x.chunks_exact(8);
-    let mut total = chunks.remainder().iter().fold(A::zero(), |a, &b| a + b);
-    for c in chunks {
-        for j in 0..8 {
-            lanes[j] += c[j];
-        }
-    }
-    for l in lanes {
-        total += l;
-    }
-    total
 }
 
 /// Forward of the policy loss; fills `scale` with `dloss/d(l m)` per row, and `factor` (when

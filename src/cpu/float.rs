@@ -8,6 +8,48 @@ use num_traits::Float;
 
 use crate::tensor::HasDType;
 
+/// Lanes of the fixed-order reductions below: sums that run over 8 interleaved partial sums
+/// vectorise (a single running sum cannot be reordered by the compiler) and stay bitwise
+/// reproducible, since the order does not depend on threads or data.
+const LANES: usize = 8;
+
+/// Sum of `x` in a fixed order over [`LANES`] interleaved lanes.
+#[inline]
+pub fn lane_sum<A: Acc>(x: &[A]) -> A {
+    let mut lanes = [A::zero(); LANES];
+    let chunks = x.chunks_exact(LANES);
+    let total = chunks.remainder().iter().fold(A::zero(), |a, &b| a + b);
+    for c in chunks {
+        for j in 0..LANES {
+            lanes[j] += c[j];
+        }
+    }
+    lanes.into_iter().fold(total, |a, b| a + b)
+}
+
+/// Dot product in the same fixed lane order as [`lane_sum`].
+#[inline]
+pub fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut lanes = [A::zero(); LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let mut total = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .fold(A::zero(), |s, (&x, &y)| s + x * y);
+    for (x, y) in ca.zip(cb) {
+        for j in 0..LANES {
+            lanes[j] += x[j] * y[j];
+        }
+    }
+    for l in lanes {
+        total += l;
+    }
+    total
+}
+
 /// An accumulator type: f32 or f64.
 pub trait Acc: Float + Sum + AddAssign + SubAssign + MulAssign + Default + Send + Sync {
     /// Conversion from an f64 argument (eps, tau, a gradient scale).

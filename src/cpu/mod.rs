@@ -39,3 +39,24 @@ pub fn for_each_chunk<A: Send>(
             .for_each(|(i, c)| f(i, c));
     }
 }
+
+/// Like [`for_each_chunk`], with one element of `state` per chunk handed to `f` as well.
+pub fn for_each_chunk_with<A: Send, S: Send>(
+    data: &mut [A],
+    chunk_len: usize,
+    state: &mut [S],
+    f: impl Fn(usize, &mut [A], &mut S) + Sync + Send,
+) {
+    let chunk_len = chunk_len.max(1);
+    if data.len() < PARALLEL_MIN_WORK {
+        data.chunks_mut(chunk_len)
+            .zip(state)
+            .enumerate()
+            .for_each(|(i, (c, s))| f(i, c, s));
+    } else {
+        data.par_chunks_mut(chunk_len)
+            .zip(state)
+            .enumerate()
+            .for_each(|(i, (c, s))| f(i, c, s));
+    }
+}
