@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import median_seconds, ms, write_table  # noqa: E402
+from common import interleaved_medians, ms, write_table  # noqa: E402
 
 import hidden_align as ha  # noqa: E402
 
@@ -35,38 +35,41 @@ def setup(batch, seq, hidden_size, group, dtype):
     return hidden, index, rewards
 
 
-def bench_loss(hidden, index, rewards, group, reps, providers):
-    rows = []
-    for name, fn in providers.items():
-        fwd = median_seconds(lambda fn=fn: fn(hidden), reps)
-        leaf = hidden.detach().requires_grad_()
+def bench_loss(hidden, providers, reps):
+    """(provider, forward s, forward+backward s); hidden a leaf nothing else consumes."""
+    leaf = hidden.detach().requires_grad_()
 
-        def fwd_bwd(fn=fn, leaf=leaf):
+    def fwd_bwd(fn):
+        def step():
             leaf.grad = None
             fn(leaf).backward()
 
-        both = median_seconds(fwd_bwd, reps)
-        rows.append((name, fwd, both))
-    return rows
+        return step
+
+    fwd = interleaved_medians({n: (lambda fn=fn: fn(hidden)) for n, fn in providers.items()}, reps)
+    both = interleaved_medians({n: fwd_bwd(fn) for n, fn in providers.items()}, reps)
+    return [(name, fwd[name], both[name]) for name in providers]
 
 
-def bench_step(hidden, index, rewards, group, reps, align_terms, vocab=16):
+def bench_step(hidden, align_terms, reps, vocab=16):
+    """(step, s): hidden feeds a linear head; with each alignment term and without any."""
     weight = torch.randn(hidden.shape[-1], vocab, dtype=hidden.dtype) * 0.02
     leaf = hidden.detach().requires_grad_()
 
     def step(term):
-        leaf.grad = None
-        logits = leaf @ weight
-        total = logits.float().square().mean()
-        if term is not None:
-            total = total + 0.1 * term(leaf)
-        total.backward()
+        def run():
+            leaf.grad = None
+            logits = leaf @ weight
+            total = logits.float().square().mean()
+            if term is not None:
+                total = total + 0.1 * term(leaf)
+            total.backward()
 
-    base = median_seconds(lambda: step(None), reps)
-    out = [("head only", base)]
-    for name, term in align_terms.items():
-        out.append((name, median_seconds(lambda term=term: step(term), reps)))
-    return out
+        return run
+
+    steps = {"head only": step(None), **{n: step(t) for n, t in align_terms.items()}}
+    medians = interleaved_medians(steps, reps)
+    return list(medians.items())
 
 
 def run(args, dtype_name):
@@ -86,7 +89,7 @@ def run(args, dtype_name):
     providers["hidden_align"] = ours
 
     shape = f"B={args.batch} (G={g}), T={args.seq}, H={args.hidden}, {dtype_name}"
-    loss_rows = bench_loss(hidden, index, rewards, g, args.reps, providers)
+    loss_rows = bench_loss(hidden, providers, args.reps)
     ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
     table = [
         (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x") for name, f, b in loss_rows
@@ -99,9 +102,7 @@ def run(args, dtype_name):
             table,
         )
     )
-    step_rows = bench_step(
-        hidden, index, rewards, g, args.reps, {"eager": eager, "hidden_align": ours}
-    )
+    step_rows = bench_step(hidden, {"eager": eager, "hidden_align": ours}, args.reps)
     base = step_rows[0][1]
     table = [
         (name, ms(t), "-" if i == 0 else f"+{100 * (t / base - 1):.1f}%")

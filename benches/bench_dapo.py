@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import median_seconds, ms, write_table  # noqa: E402
+from common import interleaved_medians, ms, write_table  # noqa: E402
 
 from hidden_align import dapo  # noqa: E402
 
@@ -108,10 +108,8 @@ def bench_policy(reps):
         (8, 16, "float32"),
     ]:
         data = inputs(batch, seq, getattr(torch, dtype_name))
-        times = {
-            p: median_seconds(lambda p=p, data=data: PROVIDERS[p](*data), reps, warmup=3)
-            for p in PROVIDERS
-        }
+        steps = {p: (lambda p=p, data=data: PROVIDERS[p](*data)) for p in PROVIDERS}
+        times = interleaved_medians(steps, reps, warmup=3)
         bt_f32 = batch * seq * 4
         mem = {p: peak_extra_bytes(p, batch, seq, dtype_name) for p in PROVIDERS}
         rows.append(
@@ -150,10 +148,14 @@ def bench_advantages(reps):
     mask = torch.ones(batch, 32)
     uids = np.array([f"uid-{int(i)}" for i in labels])
     ids = dapo.group_ids_from_uids(uids)
-    t_verl = median_seconds(
-        lambda: core_algos.compute_grpo_outcome_advantage(rewards, mask, uids), max(3, reps // 5)
+    times = interleaved_medians(
+        {
+            "verl": lambda: core_algos.compute_grpo_outcome_advantage(rewards, mask, uids),
+            "ours": lambda: dapo.group_advantages(rewards, group_ids=ids),
+        },
+        max(3, reps // 4),
     )
-    t_ours = median_seconds(lambda: dapo.group_advantages(rewards, group_ids=ids), reps)
+    t_verl, t_ours = times["verl"], times["ours"]
     rows = [(f"B={batch}, G={group}", ms(t_verl), ms(t_ours), f"{t_verl / t_ours:.0f}x")]
     return write_table(
         "dapo-advantages",

@@ -16,15 +16,19 @@ import hidden_align as ha
 RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
 
 
-def median_seconds(fn, reps: int, warmup: int = 1) -> float:
+def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median seconds of each callable, timed round-robin (one call of each per round) so that
+    drift of the machine (page-cache state, other load) spreads evenly over the providers."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def machine() -> str:

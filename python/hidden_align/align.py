@@ -7,7 +7,7 @@ from torch._C import _functions as _autograd_functions
 
 from . import _native
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
-from .errors import ArgumentError, DeviceError
+from ._args import accumulator, check_choice, check_int, detached, require_tensor, same_device
 
 __all__ = ["loss"]
 
@@ -19,17 +19,6 @@ _NO_DOUBLE_BACKWARD = (
 )
 
 
-def _require_tensor(name: str, value, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, torch.Tensor):
-        raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _AlignLoss(torch.autograd.Function):
     """Fused anchor gather + group alignment; backward returns an :class:`AnchorRowGrad`."""
 
@@ -37,7 +26,7 @@ class _AlignLoss(torch.autograd.Function):
     def forward(ctx, hidden, mask, rewards, group_ids, group_size, cu_seqlens, options):
         loss_type, reduction, threshold, eps, tau = options
         batch = rewards.shape[0] if rewards.dim() == 1 else 0
-        acc = _accumulator(hidden.dtype)
+        acc = accumulator(hidden.dtype)
         dev = hidden.device
         rows = torch.empty(batch, dtype=torch.int64, device=dev)
         groups = torch.empty(batch, dtype=torch.int64, device=dev)
@@ -49,9 +38,9 @@ class _AlignLoss(torch.autograd.Function):
             hidden.detach(),
             mask.detach(),
             rewards.detach(),
-            None if group_ids is None else group_ids.detach(),
+            detached(group_ids),
             group_size,
-            None if cu_seqlens is None else cu_seqlens.detach(),
+            detached(cu_seqlens),
             loss_type,
             reduction,
             float(threshold),
@@ -80,7 +69,7 @@ class _AlignLoss(torch.autograd.Function):
             return (None,) * 7
         loss_type, reduction, _, eps, tau = ctx.options
         vals = torch.empty(
-            rows.shape[0], hidden.shape[-1], dtype=_accumulator(hidden.dtype), device=hidden.device
+            rows.shape[0], hidden.shape[-1], dtype=accumulator(hidden.dtype), device=hidden.device
         )
         _native.align_backward(
             hidden.detach(),
@@ -162,28 +151,21 @@ def loss(
         >>> value = loss(h, anchors, torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
         >>> value.backward()
     """
-    _require_tensor("hidden", hidden)
-    _require_tensor("mask", mask)
-    _require_tensor("rewards", rewards)
-    _require_tensor("group_ids", group_ids, optional=True)
-    _require_tensor("cu_seqlens", cu_seqlens, optional=True)
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
-        raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
-    for name, t in (
+    require_tensor("hidden", hidden)
+    require_tensor("mask", mask)
+    require_tensor("rewards", rewards)
+    require_tensor("group_ids", group_ids, optional=True)
+    require_tensor("cu_seqlens", cu_seqlens, optional=True)
+    check_int("group_size", group_size)
+    same_device(
+        ("hidden", hidden),
         ("mask", mask),
         ("rewards", rewards),
         ("group_ids", group_ids),
         ("cu_seqlens", cu_seqlens),
-    ):
-        if t is not None and t.device != hidden.device:
-            raise DeviceError(
-                f"{name}: expected a tensor on {hidden.device} (the device of hidden), "
-                f"got one on {t.device}"
-            )
-    if loss_type not in _LOSS_TYPES:
-        raise ArgumentError(f"loss_type: expected one of {_LOSS_TYPES}, got {loss_type!r}")
-    if reduction not in _REDUCTIONS:
-        raise ArgumentError(f"reduction: expected one of {_REDUCTIONS}, got {reduction!r}")
+    )
+    check_choice("loss_type", loss_type, _LOSS_TYPES)
+    check_choice("reduction", reduction, _REDUCTIONS)
     if torch.is_grad_enabled():
         attach_delivery_hook(hidden)
     options = (loss_type, reduction, threshold, eps, tau)

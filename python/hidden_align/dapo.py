@@ -13,7 +13,8 @@ from collections.abc import Iterable
 import torch
 
 from . import _native
-from .errors import ArgumentError, DeviceError
+from ._args import accumulator, check_choice, check_int, detached, require_tensor, same_device
+from .errors import ArgumentError
 
 __all__ = [
     "dynamic_sampling_mask",
@@ -30,28 +31,6 @@ _AGG_MODES = (
     "seq-mean-token-mean",
     "seq-mean-token-sum-norm",
 )
-
-
-def _require_tensor(name: str, value, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not isinstance(value, torch.Tensor):
-        raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
-
-
-def _same_device(first: tuple, *others: tuple) -> None:
-    name0, t0 = first
-    for name, t in others:
-        if t is not None and t.device != t0.device:
-            raise DeviceError(
-                f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
-                f"got one on {t.device}"
-            )
-
-
-def _check_group_size(group_size) -> None:
-    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)):
-        raise ArgumentError(f"group_size: expected an int, got {type(group_size).__name__}")
 
 
 def _optional_number(name: str, value) -> float | None:
@@ -107,16 +86,16 @@ def group_advantages(
         >>> group_advantages(torch.tensor([1.0, -1.0, 1.0, 1.0]), group_size=2)
         tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
-    _require_tensor("scores", scores)
-    _require_tensor("group_ids", group_ids, optional=True)
-    _check_group_size(group_size)
-    _same_device(("scores", scores), ("group_ids", group_ids))
+    require_tensor("scores", scores)
+    require_tensor("group_ids", group_ids, optional=True)
+    check_int("group_size", group_size)
+    same_device(("scores", scores), ("group_ids", group_ids))
     out = torch.empty(
         scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
     )
     _native.group_advantages(
         scores.detach(),
-        None if group_ids is None else group_ids.detach(),
+        detached(group_ids),
         group_size,
         float(eps),
         bool(norm_by_std),
@@ -145,15 +124,15 @@ def dynamic_sampling_mask(
         >>> dynamic_sampling_mask(torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
         tensor([False, False,  True,  True])
     """
-    _require_tensor("metric", metric)
-    _require_tensor("group_ids", group_ids, optional=True)
-    _check_group_size(group_size)
-    _same_device(("metric", metric), ("group_ids", group_ids))
+    require_tensor("metric", metric)
+    require_tensor("group_ids", group_ids, optional=True)
+    check_int("group_size", group_size)
+    same_device(("metric", metric), ("group_ids", group_ids))
     out = torch.empty(
         metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
     )
     _native.dynamic_sampling_mask(
-        metric.detach(), None if group_ids is None else group_ids.detach(), group_size, out
+        metric.detach(), detached(group_ids), group_size, out
     )
     return out
 
@@ -181,7 +160,7 @@ def overlong_penalty(
         >>> overlong_penalty(torch.tensor([10, 18, 20]), 20, 4)
         tensor([ 0.0000, -0.5000, -1.0000])
     """
-    _require_tensor("response_lengths", response_lengths)
+    require_tensor("response_lengths", response_lengths)
     n = response_lengths.shape[0] if response_lengths.dim() else 0
     out = torch.empty(n, dtype=torch.float32, device=response_lengths.device)
     _native.overlong_penalty(
@@ -192,10 +171,6 @@ def overlong_penalty(
         out,
     )
     return out
-
-
-def _accumulator(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class _PolicyLoss(torch.autograd.Function):
@@ -210,7 +185,7 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, weights, clip, agg):
-        acc = _accumulator(log_prob.dtype)
+        acc = accumulator(log_prob.dtype)
         dev = log_prob.device
         batch = log_prob.shape[0] if log_prob.dim() == 2 else 0
         scalars = torch.empty(4, dtype=acc, device=dev)
@@ -219,7 +194,7 @@ class _PolicyLoss(torch.autograd.Function):
         if log_prob.requires_grad:
             factor = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
         tensors = [old_log_prob.detach(), advantages.detach(), response_mask.detach()]
-        w = None if weights is None else weights.detach()
+        w = detached(weights)
         _native.policy_loss_forward(
             log_prob.detach(), *tensors, w, *clip, *agg, scalars, row_scale, factor
         )
@@ -315,19 +290,17 @@ def policy_loss(
         ("advantages", advantages),
         ("response_mask", response_mask),
     ):
-        _require_tensor(name, t)
-    _require_tensor("rollout_is_weights", rollout_is_weights, optional=True)
-    _same_device(
+        require_tensor(name, t)
+    require_tensor("rollout_is_weights", rollout_is_weights, optional=True)
+    same_device(
         ("log_prob", log_prob),
         ("old_log_prob", old_log_prob),
         ("advantages", advantages),
         ("response_mask", response_mask),
         ("rollout_is_weights", rollout_is_weights),
     )
-    if loss_agg_mode not in _AGG_MODES:
-        raise ArgumentError(f"loss_agg_mode: expected one of {_AGG_MODES}, got {loss_agg_mode!r}")
-    if isinstance(dp_size, bool) or not isinstance(dp_size, int):
-        raise ArgumentError(f"dp_size: expected an int, got {type(dp_size).__name__}")
+    check_choice("loss_agg_mode", loss_agg_mode, _AGG_MODES)
+    check_int("dp_size", dp_size, optional=False)
     clamp = _optional_number("log_ratio_clamp", log_ratio_clamp)
     clip = (float(clip_ratio_low), float(clip_ratio_high), float(clip_ratio_c), clamp)
     agg = (

@@ -10,7 +10,8 @@ use crate::cpu;
 use crate::error::{Error, Result};
 pub use crate::ops::groups::Grouping;
 use crate::ops::groups::dense_groups;
-use crate::tensor::{DType, Device, TensorRef};
+use crate::ops::{grouping_tensor, same_cpu_device};
+use crate::tensor::{DType, TensorRef};
 
 /// The per-group loss (DESIGN section 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,34 +199,16 @@ pub fn plan(
     cu_seqlens: Option<&TensorRef>,
 ) -> Result<AnchorPlan> {
     let space = RowSpace::of(hidden)?;
-    let device = hidden.device();
-    for t in [Some(rewards), cu_seqlens]
-        .into_iter()
-        .flatten()
-        .chain(match anchors {
-            Anchors::Mask(t) | Anchors::Index(t) => Some(t),
-        })
-        .chain(match grouping {
-            Grouping::Ids(t) => Some(t),
-            Grouping::Size(_) => None,
-        })
-    {
-        if t.device() != device {
-            return Err(Error::Device {
-                arg: t.name(),
-                expected: format!("{device} (the device of hidden)"),
-                got: t.device().to_string(),
-            });
-        }
-    }
-    if device != Device::Cpu {
-        return Err(Error::CudaUnavailable {
-            reason: format!(
-                "hidden is on {device}, but this build runs on CPU tensors only; move the \
-                 tensors to the CPU"
-            ),
-        });
-    }
+    let anchor_tensor = match anchors {
+        Anchors::Mask(t) | Anchors::Index(t) => t,
+    };
+    let others = [
+        Some(rewards),
+        cu_seqlens,
+        Some(anchor_tensor),
+        grouping_tensor(grouping),
+    ];
+    same_cpu_device(hidden, &others)?;
 
     rewards.expect_ndim(1, "[B]")?;
     let batch = rewards.shape()[0];

@@ -7,35 +7,10 @@ use std::str::FromStr;
 use crate::cpu;
 use crate::error::{Error, Result};
 use crate::ops::groups::{Grouping, dense_groups};
-use crate::tensor::{DType, Device, TensorRef};
+use crate::ops::{grouping_tensor, same_cpu_device};
+use crate::tensor::{DType, TensorRef};
 
 const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
-
-fn expect_cpu(t: &TensorRef) -> Result<()> {
-    if t.device() == Device::Cpu {
-        return Ok(());
-    }
-    Err(Error::CudaUnavailable {
-        reason: format!(
-            "{} is on {}, but this build runs on CPU tensors only; move the tensors to the CPU",
-            t.name(),
-            t.device()
-        ),
-    })
-}
-
-fn same_device(first: &TensorRef, others: &[Option<&TensorRef>]) -> Result<()> {
-    for t in others.iter().flatten() {
-        if t.device() != first.device() {
-            return Err(Error::Device {
-                arg: t.name(),
-                expected: format!("{} (the device of {})", first.device(), first.name()),
-                got: t.device().to_string(),
-            });
-        }
-    }
-    expect_cpu(first)
-}
 
 /// Group-normalised outcome advantages (verl `compute_grpo_outcome_advantage`): per group the
 /// mean and unbiased std of the scores, `A = (r - mean) / (std + eps)` or `r - mean`; a
@@ -49,7 +24,7 @@ pub fn group_advantages(
     out: &mut TensorRef,
 ) -> Result<()> {
     scores.expect_dtype(&FLOATS)?;
-    same_device(scores, &[grouping_tensor(grouping)])?;
+    same_cpu_device(scores, &[grouping_tensor(grouping)])?;
     if scores.ndim() != 1 && scores.ndim() != 2 {
         return Err(Error::shape(
             "scores",
@@ -77,7 +52,7 @@ pub fn dynamic_sampling_mask(
     grouping: &Grouping,
     out: &mut TensorRef,
 ) -> Result<()> {
-    same_device(metric, &[grouping_tensor(grouping)])?;
+    same_cpu_device(metric, &[grouping_tensor(grouping)])?;
     metric.expect_ndim(1, "[B]")?;
     let batch = metric.shape()[0];
     let (group, num_groups) = dense_groups(grouping, batch)?;
@@ -98,7 +73,7 @@ pub fn overlong_penalty(
     penalty_factor: f64,
     out: &mut TensorRef,
 ) -> Result<()> {
-    expect_cpu(lengths)?;
+    same_cpu_device(lengths, &[])?;
     lengths.expect_ndim(1, "[B]")?;
     if !(buffer_length.is_finite() && buffer_length > 0.0) {
         return Err(Error::value(
@@ -130,13 +105,6 @@ pub fn overlong_penalty(
         *o = (-(l - expected) / buffer_length * penalty_factor).min(0.0) as f32;
     }
     Ok(())
-}
-
-fn grouping_tensor<'a>(g: &'a Grouping<'a>) -> Option<&'a TensorRef<'a>> {
-    match g {
-        Grouping::Ids(t) => Some(t),
-        Grouping::Size(_) => None,
-    }
 }
 
 fn expect_out(out: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
@@ -322,7 +290,7 @@ impl PolicyInputs<'_> {
         lp.expect_dtype(&FLOATS)?;
         lp.expect_ndim(2, "[B, T]")?;
         let (b, t) = (lp.shape()[0], lp.shape()[1]);
-        same_device(
+        same_cpu_device(
             lp,
             &[
                 Some(&self.old_log_prob),

@@ -4,3 +4,38 @@ pub mod align;
 pub mod dapo;
 pub mod groups;
 pub mod rows;
+
+use crate::error::{Error, Result};
+use crate::tensor::{Device, TensorRef};
+
+/// Fails unless every tensor in `others` is on the device of `first`, and that device has a
+/// backend in this build (the CPU).
+pub(crate) fn same_cpu_device(first: &TensorRef, others: &[Option<&TensorRef>]) -> Result<()> {
+    for t in others.iter().flatten() {
+        if t.device() != first.device() {
+            return Err(Error::Device {
+                arg: t.name(),
+                expected: format!("{} (the device of {})", first.device(), first.name()),
+                got: t.device().to_string(),
+            });
+        }
+    }
+    if first.device() == Device::Cpu {
+        return Ok(());
+    }
+    Err(Error::CudaUnavailable {
+        reason: format!(
+            "{} is on {}, but this build runs on CPU tensors only; move the tensors to the CPU",
+            first.name(),
+            first.device()
+        ),
+    })
+}
+
+/// The tensor of a grouping, if it has one.
+pub(crate) fn grouping_tensor<'a>(g: &'a groups::Grouping<'a>) -> Option<&'a TensorRef<'a>> {
+    match g {
+        groups::Grouping::Ids(t) => Some(t),
+        groups::Grouping::Size(_) => None,
+    }
+}

@@ -3,19 +3,10 @@
 use pyo3::prelude::*;
 
 use super::errors::run;
-use super::tensor::{Borrowed, import, write_floats};
+use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
 use crate::error::Result;
 use crate::ops::dapo::{self, AggConfig, ClipConfig, PolicyInputs};
 use crate::ops::groups::Grouping;
-use crate::tensor::TensorRef;
-
-fn import_opt(obj: Option<&Bound<'_, PyAny>>, name: &'static str) -> PyResult<Option<Borrowed>> {
-    obj.map(|o| import(o, name)).transpose()
-}
-
-fn view_opt(b: &Option<Borrowed>) -> Result<Option<TensorRef<'_>>> {
-    b.as_ref().map(Borrowed::view).transpose()
-}
 
 /// Group-normalised advantages into `out` (float32 `[B]`).
 #[pyfunction]

@@ -24,6 +24,19 @@ pub fn import(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Borrowed> 
     Ok(Borrowed { name, owner })
 }
 
+/// [`import`] for optional arguments.
+pub fn import_opt(
+    obj: Option<&Bound<'_, PyAny>>,
+    name: &'static str,
+) -> PyResult<Option<Borrowed>> {
+    obj.map(|o| import(o, name)).transpose()
+}
+
+/// [`Borrowed::view`] for optional arguments.
+pub fn view_opt(b: &Option<Borrowed>) -> Result<Option<TensorRef<'_>>> {
+    b.as_ref().map(Borrowed::view).transpose()
+}
+
 impl Borrowed {
     /// The validated view: dtype, device, sizes and strides checked and converted.
     pub fn view(&self) -> Result<TensorRef<'_>> {

@@ -1,0 +1,47 @@
+"""Argument checks shared by the public functions (before anything crosses into Rust)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import ArgumentError, DeviceError
+
+
+def require_tensor(name: str, value, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor):
+        raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+
+
+def same_device(first: tuple, *others: tuple) -> None:
+    """Each ``(name, tensor)`` in ``others`` (None allowed) is on the device of ``first``."""
+    name0, t0 = first
+    for name, t in others:
+        if t is not None and t.device != t0.device:
+            raise DeviceError(
+                f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
+                f"got one on {t.device}"
+            )
+
+
+def check_int(name: str, value, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ArgumentError(f"{name}: expected an int, got {type(value).__name__}")
+
+
+def check_choice(name: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ArgumentError(f"{name}: expected one of {choices}, got {value!r}")
+
+
+def accumulator(dtype: torch.dtype) -> torch.dtype:
+    """The dtype results are computed in: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def detached(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A view without autograd history (DLPack refuses tensors that require grad)."""
+    return None if t is None else t.detach()
