@@ -4,6 +4,8 @@
   `.item()` as verl does) at B=64, T=8192 in float32 and bfloat16, and at B=8, T=16 where
   dispatch overhead dominates;
 * group advantages (`compute_grpo_outcome_advantage`) at B=8192, G=16;
+* timings back to back per provider (warm caches and allocator), and interleaved (one call of
+  each provider per round, so each runs after the other has churned caches and the heap);
 * peak extra memory of the policy loss forward+backward beyond its inputs, measured as the rise
   of the resident set (VmHWM after `clear_refs`) in a fresh process per provider, with glibc's
   mmap threshold fixed so that every large tensor is mapped and unmapped on its own.
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import interleaved_medians, ms, write_table  # noqa: E402
+from common import interleaved_medians, medians, ms, write_table  # noqa: E402
 
 from hidden_align import dapo  # noqa: E402
 
@@ -109,15 +111,17 @@ def bench_policy(reps):
     ]:
         data = inputs(batch, seq, getattr(torch, dtype_name))
         steps = {p: (lambda p=p, data=data: PROVIDERS[p](*data)) for p in PROVIDERS}
-        times = interleaved_medians(steps, reps, warmup=3)
+        warm = medians(steps, reps, warmup=3)
+        mixed = interleaved_medians(steps, reps, warmup=3)
         bt_f32 = batch * seq * 4
         mem = {p: peak_extra_bytes(p, batch, seq, dtype_name) for p in PROVIDERS}
         rows.append(
             (
                 f"B={batch}, T={seq}, {dtype_name}",
-                ms(times["verl"]),
-                ms(times["hidden_align"]),
-                f"{times['verl'] / times['hidden_align']:.1f}x",
+                ms(warm["verl"]),
+                ms(warm["hidden_align"]),
+                f"{warm['verl'] / warm['hidden_align']:.1f}x",
+                f"{mixed['verl'] / mixed['hidden_align']:.1f}x",
                 f"{mem['verl'] / bt_f32:.1f}",
                 f"{mem['hidden_align'] / bt_f32:.1f}",
             )
@@ -130,6 +134,7 @@ def bench_policy(reps):
             "verl ms",
             "hidden_align ms",
             "speed-up",
+            "speed-up, interleaved",
             "verl peak extra ([B,T] f32 units)",
             "hidden_align peak extra",
         ],

@@ -16,6 +16,21 @@ import hidden_align as ha
 RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
 
 
+def medians(fns: dict, reps: int, warmup: int = 1) -> dict:
+    """Median seconds of each callable, timed back to back (caches and allocator warm)."""
+    out = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = statistics.median(times)
+    return out
+
+
 def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict:
     """Median seconds of each callable, timed round-robin (one call of each per round) so that
     drift of the machine (page-cache state, other load) spreads evenly over the providers."""

@@ -2,7 +2,7 @@
 
 use super::float::{Acc, Elem};
 use super::map_range;
-use crate::ops::align::RowSpace;
+use crate::ops::anchors::RowSpace;
 use crate::tensor::TensorRef;
 
 /// Columns per parallel task: each task owns a disjoint column range of every row, so

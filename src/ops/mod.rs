@@ -1,6 +1,7 @@
 //! Backend-free op definitions: validate arguments, then dispatch to a backend.
 
 pub mod align;
+pub mod anchors;
 pub mod dapo;
 pub mod groups;
 pub mod rows;

@@ -6,7 +6,7 @@
 
 use crate::cpu;
 use crate::error::{Error, Result};
-use crate::ops::align::RowSpace;
+use crate::ops::anchors::RowSpace;
 use crate::tensor::{DType, TensorRef};
 
 /// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows

@@ -6,7 +6,9 @@ use pyo3::prelude::*;
 use super::errors::run;
 use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
 use crate::error::Result;
-use crate::ops::align::{self, AlignConfig, AnchorPlan, Anchors, Grouping};
+use crate::ops::align::{self, AlignConfig};
+use crate::ops::anchors::{self, AnchorPlan, Anchors};
+use crate::ops::groups::Grouping;
 use crate::tensor::{DType, TensorRef};
 
 fn write_bools(out: &mut TensorRef, vals: &[bool]) -> Result<()> {
@@ -76,7 +78,7 @@ pub fn align_forward(
             _ => Anchors::Index(mask),
         };
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
-        let plan = align::plan(
+        let plan = anchors::plan(
             &hidden,
             &anchors,
             &rewards.view()?,
