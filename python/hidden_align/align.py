@@ -6,8 +6,8 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _native
-from ._row_grad import AnchorRowGrad, attach_delivery_hook
 from ._args import accumulator, check_choice, check_int, detached, require_tensor, same_device
+from ._row_grad import AnchorRowGrad, attach_delivery_hook
 
 __all__ = ["loss"]
 

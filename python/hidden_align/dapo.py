@@ -131,9 +131,7 @@ def dynamic_sampling_mask(
     out = torch.empty(
         metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
     )
-    _native.dynamic_sampling_mask(
-        metric.detach(), detached(group_ids), group_size, out
-    )
+    _native.dynamic_sampling_mask(metric.detach(), detached(group_ids), group_size, out)
     return out
 
 
