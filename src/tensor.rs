@@ -303,12 +303,9 @@ impl TensorRef<'_> {
         true
     }
 
-    /// Borrows a contiguous CPU tensor of type `T` as a mutable slice.
-    ///
-    /// # Safety
-    /// No other live reference may read or write the tensor's elements while the slice lives
-    /// (the Python edge only calls this on outputs it allocated for this call).
-    pub unsafe fn as_mut_slice<T: HasDType>(&mut self) -> Result<&mut [T]> {
+    /// The element count of a contiguous CPU tensor of type `T`, or the error saying which of
+    /// those it is not.
+    fn contiguous_cpu_len<T: HasDType>(&self) -> Result<usize> {
         self.expect_dtype(&[T::DTYPE])?;
         self.expect_device(Device::Cpu)?;
         if !self.is_contiguous() {
@@ -318,7 +315,16 @@ impl TensorRef<'_> {
                 "a strided view",
             ));
         }
-        let n = self.numel();
+        Ok(self.numel())
+    }
+
+    /// Borrows a contiguous CPU tensor of type `T` as a mutable slice.
+    ///
+    /// # Safety
+    /// No other live reference may read or write the tensor's elements while the slice lives
+    /// (the Python edge only calls this on outputs it allocated for this call).
+    pub unsafe fn as_mut_slice<T: HasDType>(&mut self) -> Result<&mut [T]> {
+        let n = self.contiguous_cpu_len::<T>()?;
         if n == 0 {
             return Ok(&mut []);
         }
@@ -329,16 +335,7 @@ impl TensorRef<'_> {
 
     /// Borrows a contiguous CPU tensor of type `T` as a slice.
     pub fn as_slice<T: HasDType>(&self) -> Result<&[T]> {
-        self.expect_dtype(&[T::DTYPE])?;
-        self.expect_device(Device::Cpu)?;
-        if !self.is_contiguous() {
-            return Err(Error::value(
-                self.name,
-                "a contiguous tensor",
-                "a strided view",
-            ));
-        }
-        let n = self.numel();
+        let n = self.contiguous_cpu_len::<T>()?;
         if n == 0 {
             return Ok(&[]);
         }

@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import torch
 
+MODES = [
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+]
+# verl's global normalisers (global_batch_info): none, and two sets with dp_size > 1.
+NORMALISERS = [
+    {},
+    {"batch_num_tokens": 37, "dp_size": 4, "global_batch_size": 11},
+    {"batch_num_tokens": 20, "dp_size": 2, "global_batch_size": 7, "loss_scale_factor": 5},
+]
+
 
 def policy_case(
     batch=6, seq=9, dtype=torch.float32, per_rollout_adv=False, spread=1.0, masked_rows=(2,)

@@ -4,26 +4,13 @@ import itertools
 
 import pytest
 import torch
-from dapo_cases import policy_case, with_garbage
+from dapo_cases import MODES, NORMALISERS, policy_case, with_garbage
 
 import hidden_align as ha
 from hidden_align import dapo
 
 from reference import dynamic_sampling, grpo_advantages, overlong
 from reference import policy_loss as reference_policy_loss
-
-MODES = [
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-]
-NORMALISERS = [
-    {},
-    {"batch_num_tokens": 37, "dp_size": 4, "global_batch_size": 11},
-    {"loss_scale_factor": 5.0, "dp_size": 2, "batch_num_tokens": 20, "global_batch_size": 7},
-]
 
 
 def run_ours(logp, old, adv, mask, **kw):

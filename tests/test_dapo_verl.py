@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from dapo_cases import policy_case, with_garbage
+from dapo_cases import MODES, NORMALISERS, policy_case, with_garbage
 
 from hidden_align import dapo
 
@@ -26,19 +26,6 @@ with warnings.catch_warnings():
             "pip install -e '.[test,parity]'",
             allow_module_level=True,
         )
-
-MODES = [
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-]
-NORMALISERS = [
-    {},
-    {"batch_num_tokens": 37, "dp_size": 4, "global_batch_size": 11},
-    {"batch_num_tokens": 20, "dp_size": 2, "global_batch_size": 7, "loss_scale_factor": 5},
-]
 
 
 def verl_policy_loss(
