@@ -7,14 +7,14 @@
 use ndarray::Array2;
 use num_traits::{Float, One, Zero};
 
-use super::float::{Acc, Elem, dot};
+use super::float::{Acc, Elem, Pooled, dot, give_back, take_zeroed};
 use super::{for_each_chunk, for_each_chunk_with, map_range};
 use crate::ops::align::{AlignConfig, AlignForward, LossType, Reduction};
 use crate::ops::anchors::{AnchorPlan, RowSpace};
 use crate::tensor::TensorRef;
 
 /// The anchor rows of one call, widened to the accumulator type.
-struct Anchored<A> {
+struct Anchored<A: Pooled> {
     /// Rollout of each gathered row.
     rollout: Vec<usize>,
     /// Raw states `h` `[m, H]`, kept for `mse` only.
@@ -29,6 +29,21 @@ struct Anchored<A> {
     correct: Vec<Vec<usize>>,
     /// Per group: gathered rows of incorrect rollouts (contrastive only).
     negative: Vec<Vec<usize>>,
+}
+
+fn pooled_matrix<A: Pooled>(rows: usize, cols: usize) -> Array2<A> {
+    Array2::from_shape_vec((rows, cols), take_zeroed(rows * cols)).expect("length matches shape")
+}
+
+impl<A: Pooled> Drop for Anchored<A> {
+    fn drop(&mut self) {
+        for m in [Some(std::mem::take(&mut self.u)), self.h.take()]
+            .into_iter()
+            .flatten()
+        {
+            give_back(m.into_raw_vec_and_offset().0);
+        }
+    }
 }
 
 fn gather<T: Elem>(
@@ -62,7 +77,7 @@ fn gather<T: Elem>(
     let eps = T::Acc::of(cfg.eps);
     // One pass per row: load, norm, normalise in place; the row's scale 1 / max(||h||, eps)
     // and whether the clamp was hit go to `scales`.
-    let mut u = Array2::<T::Acc>::zeros((rollout.len(), hs));
+    let mut u = pooled_matrix::<T::Acc>(rollout.len(), hs);
     let mut scales = vec![(T::Acc::zero(), false); rollout.len()];
     for_each_chunk_with(
         u.as_slice_mut().expect("fresh arrays are contiguous"),
@@ -81,7 +96,7 @@ fn gather<T: Elem>(
     );
     // Only mse needs the raw states.
     let h = (cfg.loss_type == LossType::Mse).then(|| {
-        let mut h = Array2::<T::Acc>::zeros((rollout.len(), hs));
+        let mut h = pooled_matrix::<T::Acc>(rollout.len(), hs);
         for_each_chunk(
             h.as_slice_mut().expect("fresh arrays are contiguous"),
             hs,
@@ -113,7 +128,7 @@ fn gather<T: Elem>(
 }
 
 /// Element operations of the per-group pass (for choosing between sequential and parallel).
-fn gather_work<A>(a: &Anchored<A>, cfg: &AlignConfig) -> usize {
+fn gather_work<A: Pooled>(a: &Anchored<A>, cfg: &AlignConfig) -> usize {
     let pairs = if cfg.loss_type == LossType::Contrastive {
         a.rollout.len().max(1)
     } else {
@@ -143,7 +158,7 @@ fn is_valid(cfg: &AlignConfig, n: usize, negatives: usize) -> bool {
 }
 
 /// Mean pairwise cosine `(||S||^2 - sum ||u_i||^2) / (n (n - 1))` of a group's correct anchors.
-fn pair_cosine<A: Acc>(a: &Anchored<A>, members: &[usize]) -> A {
+fn pair_cosine<A: Pooled>(a: &Anchored<A>, members: &[usize]) -> A {
     let n = A::of(members.len() as f64);
     let s = sum_rows(&a.u, members);
     let self_sq: A = members
@@ -154,7 +169,7 @@ fn pair_cosine<A: Acc>(a: &Anchored<A>, members: &[usize]) -> A {
 }
 
 /// Per-group loss of a valid group.
-fn group_loss<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
+fn group_loss<A: Pooled>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
     let members = &a.correct[g];
     let n = A::of(members.len() as f64);
     match cfg.loss_type {
@@ -214,7 +229,7 @@ fn unit<A: Acc>(s: &[A], eps: A) -> Vec<A> {
 
 /// For each correct anchor i of group g: `z_ia = u_i . u_a / tau` over the group's anchored
 /// rows a (correct then incorrect), `None` on the diagonal. Returns the anchored rows too.
-fn contrastive_logits<A: Acc>(
+fn contrastive_logits<A: Pooled>(
     a: &Anchored<A>,
     cfg: &AlignConfig,
     g: usize,
@@ -348,7 +363,12 @@ pub fn backward<T: Elem>(
 }
 
 /// `dL_g/du` (`dL_g/dh` for mse) of the rows of group g, scaled by `w`.
-fn group_grad<A: Acc>(a: &Anchored<A>, cfg: &AlignConfig, g: usize, w: A) -> Vec<(usize, Vec<A>)> {
+fn group_grad<A: Pooled>(
+    a: &Anchored<A>,
+    cfg: &AlignConfig,
+    g: usize,
+    w: A,
+) -> Vec<(usize, Vec<A>)> {
     let members = &a.correct[g];
     let n = A::of(members.len() as f64);
     match cfg.loss_type {

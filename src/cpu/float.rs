@@ -115,7 +115,7 @@ impl Acc for f64 {
 /// A floating-point storage type and the accumulator it is computed in.
 pub trait Elem: HasDType {
     /// The accumulator.
-    type Acc: Acc;
+    type Acc: Pooled;
     /// Widens a stored value.
     fn load(self) -> Self::Acc;
     /// Rounds an accumulator back to storage (round to nearest even).
@@ -341,4 +341,52 @@ mod tests {
         assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
     }
+}
+
+/// Accumulator types with a per-thread pool of scratch buffers.
+///
+/// A kernel's `[m, H]` scratch would otherwise be a fresh allocation per call, which the
+/// system allocator maps and the kernel zero-fills page by page: measured as the largest cost
+/// of the alignment forward. Buffers return to the pool of the thread that took them; the pool
+/// keeps at most [`POOL_KEEP`] of them.
+pub trait Pooled: Acc {
+    /// Runs `f` on this type's pool.
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R;
+}
+
+/// Buffers a pool keeps per thread and type.
+const POOL_KEEP: usize = 4;
+
+thread_local! {
+    static POOL_F32: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static POOL_F64: std::cell::RefCell<Vec<Vec<f64>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Pooled for f32 {
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
+        POOL_F32.with(|p| f(&mut p.borrow_mut()))
+    }
+}
+
+impl Pooled for f64 {
+    fn with_pool<R>(f: impl FnOnce(&mut Vec<Vec<Self>>) -> R) -> R {
+        POOL_F64.with(|p| f(&mut p.borrow_mut()))
+    }
+}
+
+/// A zero-filled buffer of `len` elements, reusing pooled memory when there is some.
+pub fn take_zeroed<A: Pooled>(len: usize) -> Vec<A> {
+    let mut v = A::with_pool(|p| p.pop()).unwrap_or_default();
+    v.clear();
+    v.resize(len, A::zero());
+    v
+}
+
+/// Returns a buffer from [`take_zeroed`] to the pool.
+pub fn give_back<A: Pooled>(v: Vec<A>) {
+    A::with_pool(|p| {
+        if p.len() < POOL_KEEP {
+            p.push(v);
+        }
+    });
 }
