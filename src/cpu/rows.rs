@@ -1,6 +1,6 @@
 //! CPU kernel of the in-place row scatter-add.
 
-use super::float::{Acc, Elem};
+use super::float::Elem;
 use super::map_range;
 use crate::ops::anchors::RowSpace;
 use crate::tensor::TensorRef;
@@ -9,13 +9,9 @@ use crate::tensor::TensorRef;
 /// repeated rows never race and their order of accumulation is fixed.
 const COLUMNS_PER_TASK: usize = 256;
 
-/// `dst[rows[j]] += vals[j]`; see [`crate::ops::rows::scatter_add`].
-pub fn scatter_add<T: Elem, V: Acc>(
-    dst: &mut TensorRef,
-    space: &RowSpace,
-    rows: &[i64],
-    vals: &[V],
-) {
+/// `dst[rows[j]] += vals[j]`, formed in the accumulator type and rounded once; see
+/// [`crate::ops::rows::scatter_add`].
+pub fn scatter_add<T: Elem>(dst: &mut TensorRef, space: &RowSpace, rows: &[i64], vals: &[T::Acc]) {
     let hs = space.hidden_size;
     let base = dst.data_ptr() as usize;
     let chunks = hs.div_ceil(COLUMNS_PER_TASK);
@@ -27,14 +23,24 @@ pub fn scatter_add<T: Elem, V: Acc>(
                 continue;
             }
             let off = space.offset(r as usize);
-            for k in lo..hi {
-                // SAFETY: rows were checked against the row space of dst, k < H, and dst has
-                // no overlapping elements (checked), so tasks with disjoint columns write
-                // disjoint elements.
+            let src = &vals[j * hs + lo..j * hs + hi];
+            if space.feature_stride == 1 {
+                // SAFETY: rows were checked against the row space of dst and lo..hi lies in
+                // 0..H with unit stride; tasks own disjoint columns, so no other task touches
+                // these elements.
+                let d =
+                    unsafe { std::slice::from_raw_parts_mut(p.offset(off + lo as isize), hi - lo) };
+                d.iter_mut()
+                    .zip(src)
+                    .for_each(|(e, &v)| *e = T::store(e.load() + v));
+                continue;
+            }
+            for (k, &v) in (lo..hi).zip(src) {
+                // SAFETY: as above, with dst free of overlapping elements (checked), each
+                // (row, column) element is distinct.
                 unsafe {
                     let e = p.offset(off + k as isize * space.feature_stride);
-                    let sum = (*e).load().f64() + vals[j * hs + k].f64();
-                    *e = T::store(<T::Acc as Acc>::of(sum));
+                    *e = T::store((*e).load() + v);
                 }
             }
         }

@@ -11,8 +11,8 @@ use crate::tensor::{DType, TensorRef};
 
 /// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows
 /// accumulate). `dst` is `[B, T, H]` or `[N, H]` with any strides, `rows` int64 `[k]` flat
-/// rows, `vals` `[k, H]` contiguous float32 or float64. Each sum is formed in the wider of
-/// the two types and rounded once.
+/// rows, `vals` `[k, H]` contiguous in the accumulator type of `dst` (float64 for float64,
+/// float32 otherwise). Each sum is formed in that type and rounded once.
 pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> Result<()> {
     let space = RowSpace::of(dst)?;
     let rows = rows.to_i64_vec()?;
@@ -41,20 +41,15 @@ pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> R
             "an expanded view",
         ));
     }
-    match vals.dtype() {
-        DType::F32 => crate::dispatch_float!(dst.dtype(), T => {
-            cpu::rows::scatter_add::<T, f32>(dst, &space, &rows, vals.as_slice::<f32>()?)
-        }),
-        DType::F64 => crate::dispatch_float!(dst.dtype(), T => {
-            cpu::rows::scatter_add::<T, f64>(dst, &space, &rows, vals.as_slice::<f64>()?)
-        }),
-        other => {
-            return Err(Error::Dtype {
-                arg: "vals",
-                expected: "float32 or float64".into(),
-                got: other.to_string(),
-            });
-        }
-    }
+    let acc = if dst.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    vals.expect_dtype(&[acc])?;
+    crate::dispatch_float!(dst.dtype(), T => {
+        let vals = vals.as_slice::<<T as cpu::float::Elem>::Acc>()?;
+        cpu::rows::scatter_add::<T>(dst, &space, &rows, vals)
+    });
     Ok(())
 }
