@@ -70,6 +70,8 @@ def call(**overrides):
         (dict(eps=0.0), ha.ArgumentError, "eps"),
         (dict(tau=-1.0), ha.ArgumentError, "tau"),
         (dict(threshold=float("nan")), ha.ArgumentError, "threshold"),
+        (dict(threshold="0.5"), ha.ArgumentError, "threshold: expected a number"),
+        (dict(tau=None), ha.ArgumentError, "tau: expected a number"),
         (dict(hidden=[1.0]), ha.ArgumentError, "hidden: expected a torch.Tensor"),
         (dict(cu_seqlens=torch.tensor([0, 5, 10, 15, 20])), ha.ArgumentError, "cu_seqlens"),
     ],

@@ -185,6 +185,8 @@ def test_policy_loss_errors():
         dapo.policy_loss(logp, old, adv, mask, dp_size=2, loss_agg_mode="seq-mean-token-sum")
     with pytest.raises(ha.ArgumentError, match="dp_size"):
         dapo.policy_loss(logp, old, adv, mask, dp_size=0)
+    with pytest.raises(ha.ArgumentError, match="clip_ratio_high: expected a number"):
+        dapo.policy_loss(logp, old, adv, mask, clip_ratio_high="0.28")
     with pytest.raises(ha.DeviceError, match="response_mask"):
         dapo.policy_loss(logp, old, adv, mask.to("meta"))
     with pytest.raises(ha.ArgumentError, match="log_prob: expected a torch.Tensor"):

@@ -1,8 +1,8 @@
 """hidden_align: the Hidden-Align auxiliary loss and DAPO token-level math for PyTorch RL.
 
->>> import hidden_align as ha
->>> align = ha.loss(hidden, anchors, rewards, group_ids=uid)   # autograd scalar
->>> pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_mask)
+import hidden_align as ha
+align = ha.loss(hidden, anchors, rewards, group_ids=uid)   # autograd scalar
+pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_mask)
 """
 
 from . import dapo

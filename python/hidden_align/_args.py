@@ -32,6 +32,13 @@ def check_int(name: str, value, optional: bool = True) -> None:
         raise ArgumentError(f"{name}: expected an int, got {type(value).__name__}")
 
 
+def as_float(name: str, value) -> float:
+    """A real number as float; anything else (a string, a tensor, a bool) is an error."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ArgumentError(f"{name}: expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 def check_choice(name: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ArgumentError(f"{name}: expected one of {choices}, got {value!r}")

@@ -6,7 +6,15 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _native
-from ._args import accumulator, check_choice, check_int, detached, require_tensor, same_device
+from ._args import (
+    accumulator,
+    as_float,
+    check_choice,
+    check_int,
+    detached,
+    require_tensor,
+    same_device,
+)
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
 
 __all__ = ["loss"]
@@ -43,9 +51,9 @@ class _AlignLoss(torch.autograd.Function):
             detached(cu_seqlens),
             loss_type,
             reduction,
-            float(threshold),
-            float(eps),
-            float(tau),
+            threshold,
+            eps,
+            tau,
             rows,
             groups,
             correct,
@@ -80,8 +88,8 @@ class _AlignLoss(torch.autograd.Function):
             grad_value.detach(),
             loss_type,
             reduction,
-            float(eps),
-            float(tau),
+            eps,
+            tau,
             vals,
         )
         grad = AnchorRowGrad(hidden, rows, vals)
@@ -168,7 +176,13 @@ def loss(
     check_choice("reduction", reduction, _REDUCTIONS)
     if torch.is_grad_enabled():
         attach_delivery_hook(hidden)
-    options = (loss_type, reduction, threshold, eps, tau)
+    options = (
+        loss_type,
+        reduction,
+        as_float("threshold", threshold),
+        as_float("eps", eps),
+        as_float("tau", tau),
+    )
     value, valid, stats = _AlignLoss.apply(
         hidden, mask, rewards, group_ids, group_size, cu_seqlens, options
     )

@@ -13,7 +13,15 @@ from collections.abc import Iterable
 import torch
 
 from . import _native
-from ._args import accumulator, check_choice, check_int, detached, require_tensor, same_device
+from ._args import (
+    accumulator,
+    as_float,
+    check_choice,
+    check_int,
+    detached,
+    require_tensor,
+    same_device,
+)
 from .errors import ArgumentError
 
 __all__ = [
@@ -97,7 +105,7 @@ def group_advantages(
         scores.detach(),
         detached(group_ids),
         group_size,
-        float(eps),
+        as_float("eps", eps),
         bool(norm_by_std),
         out,
     )
@@ -163,9 +171,9 @@ def overlong_penalty(
     out = torch.empty(n, dtype=torch.float32, device=response_lengths.device)
     _native.overlong_penalty(
         response_lengths.detach(),
-        float(max_response_length),
-        float(buffer_length),
-        float(penalty_factor),
+        as_float("max_response_length", max_response_length),
+        as_float("buffer_length", buffer_length),
+        as_float("penalty_factor", penalty_factor),
         out,
     )
     return out
@@ -300,7 +308,12 @@ def policy_loss(
     check_choice("loss_agg_mode", loss_agg_mode, _AGG_MODES)
     check_int("dp_size", dp_size, optional=False)
     clamp = _optional_number("log_ratio_clamp", log_ratio_clamp)
-    clip = (float(clip_ratio_low), float(clip_ratio_high), float(clip_ratio_c), clamp)
+    clip = (
+        as_float("clip_ratio_low", clip_ratio_low),
+        as_float("clip_ratio_high", clip_ratio_high),
+        as_float("clip_ratio_c", clip_ratio_c),
+        clamp,
+    )
     agg = (
         loss_agg_mode,
         _optional_number("batch_num_tokens", batch_num_tokens),
