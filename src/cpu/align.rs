@@ -8,7 +8,7 @@ use ndarray::Array2;
 use num_traits::{Float, One, Zero};
 
 use super::float::{Acc, Elem, Pooled, dot, give_back, take_zeroed};
-use super::{for_each_chunk, for_each_chunk_with, map_range};
+use super::{Bound, for_each_chunk, for_each_chunk_with, map_range};
 use crate::ops::align::{AlignConfig, AlignForward, LossType, Reduction};
 use crate::ops::anchors::{AnchorPlan, RowSpace};
 use crate::tensor::TensorRef;
@@ -83,6 +83,7 @@ fn gather<T: Elem>(
         u.as_slice_mut().expect("fresh arrays are contiguous"),
         hs,
         &mut scales,
+        Bound::Memory,
         |i, row, scale| {
             load_row(i, row);
             let norm = dot(row, row).sqrt();
@@ -100,6 +101,7 @@ fn gather<T: Elem>(
         for_each_chunk(
             h.as_slice_mut().expect("fresh arrays are contiguous"),
             hs,
+            Bound::Memory,
             load_row,
         );
         h
@@ -124,6 +126,15 @@ fn gather<T: Elem>(
         clamped,
         correct,
         negative,
+    }
+}
+
+/// Only the contrastive loss does enough arithmetic per group (m^2 H) to use the pool.
+fn group_bound(cfg: &AlignConfig) -> Bound {
+    if cfg.loss_type == LossType::Contrastive {
+        Bound::Compute
+    } else {
+        Bound::Memory
     }
 }
 
@@ -262,18 +273,19 @@ pub fn forward<T: Elem>(
 ) -> AlignForward {
     let a = gather::<T>(hidden, space, plan, cfg);
     let work = gather_work(&a, cfg);
-    let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> = map_range(plan.num_groups, work, |g| {
-        let n = a.correct[g].len();
-        let valid = is_valid(cfg, n, a.negative[g].len());
-        let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
-        let loss = match (valid, cosine) {
-            (false, _) => T::Acc::zero(),
-            // The cosine loss is the statistic's complement: computed once.
-            (true, Some(c)) if cfg.loss_type == LossType::Cosine => T::Acc::one() - c,
-            (true, _) => group_loss(&a, cfg, g),
-        };
-        (loss, valid, cosine)
-    });
+    let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> =
+        map_range(plan.num_groups, work, group_bound(cfg), |g| {
+            let n = a.correct[g].len();
+            let valid = is_valid(cfg, n, a.negative[g].len());
+            let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
+            let loss = match (valid, cosine) {
+                (false, _) => T::Acc::zero(),
+                // The cosine loss is the statistic's complement: computed once.
+                (true, Some(c)) if cfg.loss_type == LossType::Cosine => T::Acc::one() - c,
+                (true, _) => group_loss(&a, cfg, g),
+            };
+            (loss, valid, cosine)
+        });
     let valid_groups = per_group.iter().filter(|p| p.1).count();
     let total: T::Acc = per_group.iter().map(|p| p.0).sum();
     let loss = match cfg.reduction {
@@ -321,13 +333,14 @@ pub fn backward<T: Elem>(
     };
     // Gradient w.r.t. u (or h for mse) of every gathered row; groups own disjoint rows.
     let work = gather_work(&a, cfg);
-    let per_group: Vec<Vec<(usize, Vec<T::Acc>)>> = map_range(plan.num_groups, work, |g| {
-        if valid[g] {
-            group_grad(&a, cfg, g, weight(g))
-        } else {
-            Vec::new()
-        }
-    });
+    let per_group: Vec<Vec<(usize, Vec<T::Acc>)>> =
+        map_range(plan.num_groups, work, group_bound(cfg), |g| {
+            if valid[g] {
+                group_grad(&a, cfg, g, weight(g))
+            } else {
+                Vec::new()
+            }
+        });
     let hs = space.hidden_size;
     let mut grad_of_row: Vec<Option<Vec<T::Acc>>> = vec![None; a.rollout.len()];
     for (i, gu) in per_group.into_iter().flatten() {
@@ -338,7 +351,7 @@ pub fn backward<T: Elem>(
         slot[b] = Some(i);
     }
     let raw_grad = cfg.loss_type == LossType::Mse;
-    for_each_chunk(out, hs, |b, dst| {
+    for_each_chunk(out, hs, Bound::Memory, |b, dst| {
         let gu = slot[b].and_then(|i| grad_of_row[i].as_ref().map(|gu| (i, gu)));
         let Some((i, gu)) = gu else {
             dst.iter_mut().for_each(|x| *x = T::Acc::zero());

@@ -5,7 +5,7 @@
 use num_traits::{Float, Zero};
 
 use super::float::{Acc, Elem, Scalar, Strided2, lane_sum};
-use super::{for_each_chunk, map_range};
+use super::{Bound, for_each_chunk, map_range};
 use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
 use crate::ops::groups::members;
 use crate::tensor::TensorRef;
@@ -268,7 +268,7 @@ pub fn policy_forward<T: Elem, M: Scalar>(
     let v = Views::of(inputs);
     let k = Clip::<T::Acc>::of(clip);
     let factor_base = factor.map(|f| f.as_mut_ptr() as usize);
-    let rows: Vec<RowSums> = map_range(b, b * t, |r| {
+    let rows: Vec<RowSums> = map_range(b, b * t, Bound::Compute, |r| {
         let mut s = RowSums::default();
         let mut blk = Block::<T::Acc>::new();
         let zero = T::Acc::zero();
@@ -377,7 +377,7 @@ pub fn policy_backward<T: Elem, M: Scalar>(
     let v = Views::of(inputs);
     let k = Clip::<T::Acc>::of(clip);
     let up = T::Acc::of(upstream);
-    for_each_chunk(out, t, |r, row| {
+    for_each_chunk(out, t, Bound::Compute, |r, row| {
         let row_up = up * scale[r];
         let mut blk = Block::<T::Acc>::new();
         for c0 in (0..t).step_by(BLOCK) {
@@ -394,7 +394,7 @@ pub fn policy_backward<T: Elem, M: Scalar>(
 /// Backward from the factor the forward saved: `grad[r, c] *= upstream * scale[r]`, in place.
 pub fn policy_backward_saved<T: Elem>(t: usize, scale: &[T::Acc], upstream: f64, grad: &mut [T]) {
     let up = T::Acc::of(upstream);
-    for_each_chunk(grad, t, |r, row| {
+    for_each_chunk(grad, t, Bound::Memory, |r, row| {
         let s = up * scale[r];
         row.iter_mut().for_each(|g| *g = T::store(g.load() * s));
     });

@@ -1,7 +1,7 @@
 //! CPU kernel of the in-place row scatter-add.
 
 use super::float::Elem;
-use super::map_range;
+use super::{Bound, map_range};
 use crate::ops::anchors::RowSpace;
 use crate::tensor::TensorRef;
 
@@ -15,7 +15,7 @@ pub fn scatter_add<T: Elem>(dst: &mut TensorRef, space: &RowSpace, rows: &[i64],
     let hs = space.hidden_size;
     let base = dst.data_ptr() as usize;
     let chunks = hs.div_ceil(COLUMNS_PER_TASK);
-    map_range(chunks, rows.len() * hs, |c| {
+    map_range(chunks, rows.len() * hs, Bound::Memory, |c| {
         let (lo, hi) = (c * COLUMNS_PER_TASK, ((c + 1) * COLUMNS_PER_TASK).min(hs));
         let p = base as *mut T;
         for (j, &r) in rows.iter().enumerate() {
