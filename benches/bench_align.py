@@ -7,12 +7,17 @@
     alignment term over the step without it, for hidden_align and for the eager formulation.
 
 Usage: python benches/bench_align.py [--dtype bfloat16 float32] [--reps 5] [--compile]
+       [--parts loss step]
+A CPU step with [B, T, H] tensors is dominated by page faults of fresh allocations, which makes
+step timings drift between runs; preloading jemalloc steadies them:
+LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python benches/bench_align.py --parts step
 Medians; ratios are eager / hidden_align from the same run. Tables go to bench-results/.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -89,33 +94,39 @@ def run(args, dtype_name):
     providers["hidden_align"] = ours
 
     shape = f"B={args.batch} (G={g}), T={args.seq}, H={args.hidden}, {dtype_name}"
-    loss_rows = bench_loss(hidden, providers, args.reps)
-    ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
-    table = [
-        (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x") for name, f, b in loss_rows
-    ]
-    print(
-        write_table(
-            f"align-loss-{dtype_name}",
-            f"Alignment loss alone, {shape} (median of {args.reps})",
-            ["provider", "forward ms", "vs eager", "fwd+bwd ms", "vs eager"],
-            table,
+    if "loss" in args.parts:
+        loss_rows = bench_loss(hidden, providers, args.reps)
+        ref_f, ref_b = loss_rows[0][1], loss_rows[0][2]
+        table = [
+            (name, ms(f), f"{ref_f / f:.1f}x", ms(b), f"{ref_b / b:.2f}x")
+            for name, f, b in loss_rows
+        ]
+        print(
+            write_table(
+                f"align-loss-{dtype_name}",
+                f"Alignment loss alone, {shape} (median of {args.reps})",
+                ["provider", "forward ms", "vs eager", "fwd+bwd ms", "vs eager"],
+                table,
+            )
         )
-    )
-    step_rows = bench_step(hidden, {"eager": eager, "hidden_align": ours}, args.reps)
-    base = step_rows[0][1]
-    table = [
-        (name, ms(t), "-" if i == 0 else f"+{100 * (t / base - 1):.1f}%")
-        for i, (name, t) in enumerate(step_rows)
-    ]
-    print(
-        write_table(
-            f"align-step-{dtype_name}",
-            f"Whole step with a linear head on hidden, {shape} (median of {args.reps})",
-            ["step", "ms", "overhead of the alignment term"],
-            table,
+    if "step" in args.parts:
+        step_rows = bench_step(hidden, {"eager": eager, "hidden_align": ours}, args.reps)
+        base = step_rows[0][1]
+        table = [
+            (name, ms(t), "-" if i == 0 else f"{100 * (t / base - 1):+.1f}%")
+            for i, (name, t) in enumerate(step_rows)
+        ]
+        jemalloc = "jemalloc" in os.environ.get("LD_PRELOAD", "")
+        allocator = "jemalloc" if jemalloc else "glibc malloc"
+        print(
+            write_table(
+                f"align-step-{dtype_name}" + ("-jemalloc" if jemalloc else ""),
+                f"Whole step with a linear head on hidden, {shape}, {allocator} "
+                f"(median of {args.reps})",
+                ["step", "ms", "overhead of the alignment term"],
+                table,
+            )
         )
-    )
     del hidden
 
 
@@ -128,6 +139,7 @@ def main():
     parser.add_argument("--group", type=int, default=16)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(eager)")
+    parser.add_argument("--parts", nargs="+", default=["loss", "step"], choices=["loss", "step"])
     args = parser.parse_args()
 
     for dtype_name in args.dtype:

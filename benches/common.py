@@ -33,15 +33,18 @@ def medians(fns: dict, reps: int, warmup: int = 1) -> dict:
 
 def interleaved_medians(fns: dict, reps: int, warmup: int = 1) -> dict:
     """Median seconds of each callable, timed round-robin (one call of each per round) so that
-    drift of the machine (page-cache state, other load) spreads evenly over the providers."""
+    drift of the machine spreads evenly over the providers. The order rotates every round:
+    otherwise one provider would always run right after the same other one and inherit the
+    caches and heap that one left behind."""
+    names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    times = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
