@@ -199,11 +199,10 @@ class _PolicyLoss(torch.autograd.Function):
         factor = None
         if log_prob.requires_grad:
             factor = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
-        tensors = [old_log_prob.detach(), advantages.detach(), response_mask.detach()]
         w = detached(weights)
-        _native.policy_loss_forward(
-            log_prob.detach(), *tensors, w, *clip, *agg, scalars, row_scale, factor
-        )
+        inputs = (log_prob.detach(), old_log_prob.detach(), advantages.detach())
+        inputs += (response_mask.detach(), w)
+        _native.policy_loss_forward(inputs, clip, *agg, scalars, row_scale, factor)
         ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
         ctx.weights = w
         ctx.clip = clip
@@ -223,12 +222,8 @@ class _PolicyLoss(torch.autograd.Function):
         if not saved:
             grad = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
         _native.policy_loss_backward(
-            log_prob.detach(),
-            old.detach(),
-            adv.detach(),
-            mask.detach(),
-            ctx.weights,
-            *ctx.clip,
+            (log_prob.detach(), old.detach(), adv.detach(), mask.detach(), ctx.weights),
+            ctx.clip,
             row_scale,
             # The upstream gradient of a scalar loss is one number, read on the host.
             float(grad_loss),

@@ -77,6 +77,19 @@ pub fn overlong_penalty(
     })
 }
 
+/// The tensors of the policy loss as the Python side passes them: `(log_prob, old_log_prob,
+/// advantages, response_mask, rollout_is_weights or None)`.
+type PolicyTensors<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Option<Bound<'py, PyAny>>,
+);
+
+/// The clip options: `(clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp or None)`.
+type ClipArgs = (f64, f64, f64, Option<f64>);
+
 struct PolicyArgs {
     log_prob: Borrowed,
     old_log_prob: Borrowed,
@@ -87,18 +100,14 @@ struct PolicyArgs {
 
 impl PolicyArgs {
     fn import(
-        log_prob: &Bound<'_, PyAny>,
-        old_log_prob: &Bound<'_, PyAny>,
-        advantages: &Bound<'_, PyAny>,
-        response_mask: &Bound<'_, PyAny>,
-        rollout_is_weights: Option<&Bound<'_, PyAny>>,
+        (log_prob, old_log_prob, advantages, response_mask, weights): &PolicyTensors<'_>,
     ) -> PyResult<Self> {
         Ok(PolicyArgs {
             log_prob: import(log_prob, "log_prob")?,
             old_log_prob: import(old_log_prob, "old_log_prob")?,
             advantages: import(advantages, "advantages")?,
             response_mask: import(response_mask, "response_mask")?,
-            rollout_is_weights: import_opt(rollout_is_weights, "rollout_is_weights")?,
+            rollout_is_weights: import_opt(weights.as_ref(), "rollout_is_weights")?,
         })
     }
 
@@ -113,25 +122,21 @@ impl PolicyArgs {
     }
 }
 
+fn clip_config((low, high, c, clamp): ClipArgs) -> Result<ClipConfig> {
+    ClipConfig::new(low, high, c, clamp)
+}
+
 /// Forward of the clipped policy loss. Fills `out_scalars` (`[4]`: loss, pg_clipfrac, ppo_kl,
-/// pg_clipfrac_lower) and `out_row_scale` (`[B]`, read by the backward).
+/// pg_clipfrac_lower), `out_row_scale` (`[B]`, read by the backward) and, when given,
+/// `out_factor` (`[B, T]`: the per-token derivative the backward scales in place).
 #[pyfunction]
-#[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
-                    clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, loss_agg_mode,
-                    batch_num_tokens, dp_size, global_batch_size, loss_scale_factor,
-                    out_scalars, out_row_scale, out_factor))]
+#[pyo3(signature = (inputs, clip, loss_agg_mode, batch_num_tokens, dp_size, global_batch_size,
+                    loss_scale_factor, out_scalars, out_row_scale, out_factor))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_forward(
     py: Python<'_>,
-    log_prob: &Bound<'_, PyAny>,
-    old_log_prob: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
-    response_mask: &Bound<'_, PyAny>,
-    rollout_is_weights: Option<&Bound<'_, PyAny>>,
-    clip_ratio_low: f64,
-    clip_ratio_high: f64,
-    clip_ratio_c: f64,
-    log_ratio_clamp: Option<f64>,
+    inputs: PolicyTensors<'_>,
+    clip: ClipArgs,
     loss_agg_mode: &str,
     batch_num_tokens: Option<f64>,
     dp_size: i64,
@@ -141,24 +146,13 @@ pub fn policy_loss_forward(
     out_row_scale: &Bound<'_, PyAny>,
     out_factor: Option<&Bound<'_, PyAny>>,
 ) -> PyResult<()> {
-    let args = PolicyArgs::import(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        rollout_is_weights,
-    )?;
+    let args = PolicyArgs::import(&inputs)?;
     let out = import(out_row_scale, "out_row_scale")?;
     let scalars = import(out_scalars, "out_scalars")?;
     let factor = import_opt(out_factor, "out_factor")?;
     let mode = loss_agg_mode.to_owned();
     run(py, "hidden_align.dapo.policy_loss", move || {
-        let clip = ClipConfig::new(
-            clip_ratio_low,
-            clip_ratio_high,
-            clip_ratio_c,
-            log_ratio_clamp,
-        )?;
+        let clip = clip_config(clip)?;
         let agg = AggConfig::new(
             &mode,
             batch_num_tokens,
@@ -182,48 +176,27 @@ pub fn policy_loss_forward(
 /// Backward of the clipped policy loss into `out_grad` (`[B, T]`, the dtype of log_prob);
 /// with `saved_factor`, `out_grad` holds the forward's `out_factor` and is scaled in place.
 #[pyfunction]
-#[pyo3(signature = (log_prob, old_log_prob, advantages, response_mask, rollout_is_weights,
-                    clip_ratio_low, clip_ratio_high, clip_ratio_c, log_ratio_clamp, row_scale,
-                    grad_output, out_grad, saved_factor))]
-#[allow(clippy::too_many_arguments)]
 pub fn policy_loss_backward(
     py: Python<'_>,
-    log_prob: &Bound<'_, PyAny>,
-    old_log_prob: &Bound<'_, PyAny>,
-    advantages: &Bound<'_, PyAny>,
-    response_mask: &Bound<'_, PyAny>,
-    rollout_is_weights: Option<&Bound<'_, PyAny>>,
-    clip_ratio_low: f64,
-    clip_ratio_high: f64,
-    clip_ratio_c: f64,
-    log_ratio_clamp: Option<f64>,
+    inputs: PolicyTensors<'_>,
+    clip: ClipArgs,
     row_scale: &Bound<'_, PyAny>,
     grad_output: f64,
     out_grad: &Bound<'_, PyAny>,
     saved_factor: bool,
 ) -> PyResult<()> {
-    let args = PolicyArgs::import(
-        log_prob,
-        old_log_prob,
-        advantages,
-        response_mask,
-        rollout_is_weights,
-    )?;
+    let args = PolicyArgs::import(&inputs)?;
     let row_scale = import(row_scale, "row_scale")?;
     let out = import(out_grad, "out_grad")?;
     run(py, "hidden_align.dapo.policy_loss backward", move || {
-        let clip = ClipConfig::new(
-            clip_ratio_low,
-            clip_ratio_high,
-            clip_ratio_c,
-            log_ratio_clamp,
-        )?;
+        let clip = clip_config(clip)?;
+        let grad = &mut out.view()?;
         dapo::policy_loss_backward(
             &args.views()?,
             &clip,
             &row_scale.view()?,
             grad_output,
-            &mut out.view()?,
+            grad,
             saved_factor,
         )
     })
