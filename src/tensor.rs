@@ -247,25 +247,12 @@ impl<'a> TensorRef<'a> {
         self.expect_device(Device::Cpu)?;
         let n = self.shape[0];
         let s = self.strides[0];
-        let read = |i: usize| -> f64 {
-            // SAFETY: i < shape[0]; the TensorRef invariant covers the address, and the
-            // match reads the element type the tensor declares.
-            unsafe {
-                let p = self
-                    .ptr
-                    .offset((i as isize * s) * self.dtype.size() as isize);
-                match self.dtype {
-                    DType::Bool | DType::U8 => *p as f64,
-                    DType::I32 => *(p as *const i32) as f64,
-                    DType::I64 => *(p as *const i64) as f64,
-                    DType::F16 => f64::from(*(p as *const half::f16)),
-                    DType::BF16 => f64::from(*(p as *const half::bf16)),
-                    DType::F32 => *(p as *const f32) as f64,
-                    DType::F64 => *(p as *const f64),
-                }
-            }
-        };
-        Ok((0..n).map(read).collect())
+        crate::dispatch_any!(self.dtype, T => {
+            let p = self.ptr as *const T;
+            // SAFETY: i < shape[0], covered by the TensorRef invariant; T is the dtype the
+            // tensor declares.
+            Ok((0..n).map(|i| unsafe { *p.offset(i as isize * s) }.to_f64()).collect())
+        })
     }
 }
 
@@ -342,4 +329,73 @@ impl TensorRef<'_> {
         // SAFETY: dtype, device and contiguity were checked; reads only.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) })
     }
+}
+
+/// Any element type read as a number (masks, lengths, metrics, labels).
+pub trait Scalar: HasDType {
+    /// The value as f64 (`true` is 1).
+    fn to_f64(self) -> f64;
+}
+
+macro_rules! scalar_as {
+    ($($t:ty),*) => { $(impl Scalar for $t { fn to_f64(self) -> f64 { self as f64 } })* };
+}
+scalar_as!(u8, i32, i64, f32, f64);
+
+impl Scalar for bool {
+    fn to_f64(self) -> f64 {
+        if self { 1.0 } else { 0.0 }
+    }
+}
+impl Scalar for half::f16 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+impl Scalar for half::bf16 {
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+/// Runs `$body` once per listed dtype with `$t` bound to its Rust type; the optional `else`
+/// arm handles the dtypes not listed. The dispatch macros below are its two uses.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! dispatch_dtype {
+    ($dtype:expr, $t:ident => $body:expr, [$($variant:ident => $ty:ty),*] $(, else $other:ident => $fallback:expr)?) => {
+        match $dtype {
+            $($crate::tensor::DType::$variant => {
+                type $t = $ty;
+                $body
+            })*
+            $($other => $fallback)?
+        }
+    };
+}
+
+/// Runs `$body` with `$t` bound to the Rust type of a floating-point [`DType`]; any other
+/// dtype returns a `Kernel` error (they must be rejected before this point).
+#[macro_export]
+#[doc(hidden)]
+macro_rules! dispatch_float {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        $crate::dispatch_dtype!($dtype, $t => $body,
+            [F32 => f32, F64 => f64, BF16 => half::bf16, F16 => half::f16],
+            else other => return Err($crate::error::Error::Kernel {
+                op: "dispatch",
+                message: format!("non-float dtype {other} reached a float kernel"),
+            }))
+    };
+}
+
+/// Runs `$body` with `$t` bound to the Rust type of any [`DType`].
+#[macro_export]
+#[doc(hidden)]
+macro_rules! dispatch_any {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        $crate::dispatch_dtype!($dtype, $t => $body,
+            [Bool => bool, U8 => u8, I32 => i32, I64 => i64,
+             F16 => half::f16, BF16 => half::bf16, F32 => f32, F64 => f64])
+    };
 }

@@ -4,11 +4,11 @@
 
 use num_traits::{Float, Zero};
 
-use super::float::{Acc, Elem, Scalar, Strided2, lane_sum};
+use super::float::{Acc, Elem, Strided2, lane_sum};
 use super::{Bound, for_each_chunk, map_range};
 use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
 use crate::ops::groups::members;
-use crate::tensor::TensorRef;
+use crate::tensor::{Scalar, TensorRef};
 
 /// verl's masked-mean epsilon and per-sequence token-mean epsilon.
 const MEAN_EPS: f64 = 1e-8;
@@ -198,7 +198,6 @@ const BLOCK: usize = 128;
 
 /// One block of a row in the accumulator type, with the mask (zero where masked) and weights.
 struct Block<A> {
-    n: usize,
     lp: [A; BLOCK],
     old: [A; BLOCK],
     adv: [A; BLOCK],
@@ -210,7 +209,6 @@ impl<A: Acc> Block<A> {
     fn new() -> Self {
         let z = [A::zero(); BLOCK];
         Block {
-            n: 0,
             lp: z,
             old: z,
             adv: z,
@@ -222,7 +220,6 @@ impl<A: Acc> Block<A> {
     /// Loads columns `c0..c0 + n` of row `r`. Masked positions are replaced by neutral values
     /// after loading, so garbage there (NaN, inf) never enters the arithmetic.
     fn load<T: Elem<Acc = A>, M: Scalar>(&mut self, v: &Views, r: usize, c0: usize, n: usize) {
-        self.n = n;
         read_row::<M, A>(&v.mask, r, c0, &mut self.mask[..n], |m| A::of(m.to_f64()));
         read_row::<T, A>(&v.lp, r, c0, &mut self.lp[..n], T::load);
         read_row::<T, A>(&v.old, r, c0, &mut self.old[..n], T::load);
