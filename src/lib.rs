@@ -1,11 +1,13 @@
 //! `hidden_align`: the Hidden-Align auxiliary loss and DAPO's token-level math for PyTorch
 //! RL training.
 //!
-//! `ops` validates and dispatches, `cpu` holds the kernels, `py` (feature `python`) is the
+//! `ops` validates and dispatches, `cpu` holds the CPU kernels, `cuda` launches the CUDA
+//! kernels of `kernels/` (on a GPU, or emulated on the CPU), `py` (feature `python`) is the
 //! only code that knows about Python.
 #![deny(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod ops;
 pub mod tensor;
@@ -19,6 +21,8 @@ mod _native {
     #[pymodule_export]
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
     #[pymodule_export]
+    use crate::py::backend::{cuda_status, get_backend, kernel_programs, set_backend};
+    #[pymodule_export]
     use crate::py::dapo::{
         dynamic_sampling_mask, group_advantages, overlong_penalty, policy_loss_backward,
         policy_loss_forward,
@@ -27,6 +31,8 @@ mod _native {
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
-        m.add("__version__", env!("CARGO_PKG_VERSION"))
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        m.add("POLICY_CHUNK", crate::cuda::dapo::POLICY_CHUNK)?;
+        m.add("ALIGN_WORK_ROWS", crate::cuda::align::WORK_ROWS)
     }
 }

@@ -241,6 +241,18 @@ impl<'a> TensorRef<'a> {
         Ok(out)
     }
 
+    /// Reads the value of a one-element CPU tensor (0-d or any shape of one element) as f64.
+    pub fn item_f64(&self, arg: &'static str) -> Result<f64> {
+        self.expect_device(Device::Cpu)?;
+        if self.numel() != 1 {
+            return Err(Error::shape(arg, "one element", &self.shape));
+        }
+        crate::dispatch_any!(self.dtype, T => {
+            // SAFETY: the single element sits at the data pointer (all indices are 0).
+            Ok(unsafe { *(self.ptr as *const T) }.to_f64())
+        })
+    }
+
     /// Reads a one-dimensional tensor of any supported dtype as f64 values.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
         self.expect_ndim(1, "a 1-d tensor")?;

@@ -10,9 +10,11 @@ from hidden_align import _native
 
 def test_stub_matches_native_module():
     stub = pathlib.Path(ha.__file__).with_name("_native.pyi").read_text()
-    declared = {n.name: n for n in ast.parse(stub).body if isinstance(n, ast.FunctionDef)}
+    body = ast.parse(stub).body
+    declared = {n.name: n for n in body if isinstance(n, ast.FunctionDef)}
+    constants = {n.target.id for n in body if isinstance(n, ast.AnnAssign)} - {"__version__"}
     exported = {k for k in dir(_native) if not k.startswith("__")}
-    assert set(declared) == exported
+    assert set(declared) | constants == exported
     for name, node in declared.items():
         params = [a.arg for a in node.args.args]
         native = list(inspect.signature(getattr(_native, name)).parameters)

@@ -6,6 +6,7 @@ pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_m
 """
 
 from . import dapo
+from ._backend import backend, cuda_status, get_backend, set_backend
 from ._native import __version__
 from .align import loss
 from .errors import (
@@ -27,6 +28,10 @@ __all__ = [
     "KernelError",
     "ShapeError",
     "__version__",
+    "backend",
+    "cuda_status",
     "dapo",
+    "get_backend",
     "loss",
+    "set_backend",
 ]

@@ -3,6 +3,8 @@
 import torch
 
 __version__: str
+POLICY_CHUNK: int
+ALIGN_WORK_ROWS: int
 
 def align_forward(
     hidden: torch.Tensor,
@@ -22,7 +24,10 @@ def align_forward(
     out_group_loss: torch.Tensor,
     out_group_valid: torch.Tensor,
     out_scalars: torch.Tensor,
-) -> int: ...
+    work: torch.Tensor | None = None,
+    links: torch.Tensor | None = None,
+    stream: int | None = None,
+) -> tuple[int, bool]: ...
 def align_backward(
     hidden: torch.Tensor,
     rows: torch.Tensor,
@@ -35,8 +40,13 @@ def align_backward(
     eps: float,
     tau: float,
     out_grad_rows: torch.Tensor,
+    kernel_state: tuple[torch.Tensor, ...] | None = None,
+    centre: torch.Tensor | None = None,
+    stream: int | None = None,
 ) -> None: ...
-def scatter_add_rows(dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> None: ...
+def scatter_add_rows(
+    dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, stream: int | None = None
+) -> None: ...
 def data_ptr(tensor: torch.Tensor) -> int: ...
 def group_advantages(
     scores: torch.Tensor,
@@ -45,9 +55,15 @@ def group_advantages(
     eps: float,
     norm_by_std: bool,
     out: torch.Tensor,
+    totals: torch.Tensor | None = None,
+    stream: int | None = None,
 ) -> None: ...
 def dynamic_sampling_mask(
-    metric: torch.Tensor, group_ids: torch.Tensor | None, group_size: int | None, out: torch.Tensor
+    metric: torch.Tensor,
+    group_ids: torch.Tensor | None,
+    group_size: int | None,
+    out: torch.Tensor,
+    stream: int | None = None,
 ) -> None: ...
 def overlong_penalty(
     response_lengths: torch.Tensor,
@@ -55,6 +71,7 @@ def overlong_penalty(
     buffer_length: float,
     penalty_factor: float,
     out: torch.Tensor,
+    stream: int | None = None,
 ) -> None: ...
 def policy_loss_forward(
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
@@ -67,12 +84,20 @@ def policy_loss_forward(
     out_scalars: torch.Tensor,
     out_row_scale: torch.Tensor,
     out_factor: torch.Tensor | None,
+    norm_tensors: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] = ...,
+    partials: torch.Tensor | None = None,
+    stream: int | None = None,
 ) -> None: ...
 def policy_loss_backward(
     inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None],
     clip: tuple[float, float, float, float | None],
     row_scale: torch.Tensor,
-    grad_output: float,
+    grad_output: torch.Tensor,
     out_grad: torch.Tensor,
     saved_factor: bool,
+    stream: int | None = None,
 ) -> None: ...
+def set_backend(name: str) -> None: ...
+def get_backend() -> str: ...
+def cuda_status() -> dict: ...
+def kernel_programs() -> list[tuple[str, str]]: ...

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
+from ._backend import stream_of
 
 __all__ = ["AnchorRowGrad", "attach_delivery_hook"]
 
@@ -63,7 +64,7 @@ def _add_rows_(dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> tor
         flat = dst.reshape(-1, dst.shape[-1])
         keep = rows >= 0
         return flat.index_add(0, rows[keep], vals[keep].to(dst.dtype)).view_as(dst)
-    _native.scatter_add_rows(dst.detach(), rows, vals)
+    _native.scatter_add_rows(dst.detach(), rows, vals, stream_of(dst))
     return dst
 
 

@@ -6,6 +6,7 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _native
+from ._backend import stream_of
 from ._args import (
     accumulator,
     as_float,
@@ -42,7 +43,11 @@ class _AlignLoss(torch.autograd.Function):
         group_loss = torch.empty(batch, dtype=acc, device=dev)
         group_valid = torch.empty(batch, dtype=torch.bool, device=dev)
         scalars = torch.empty(4, dtype=acc, device=dev)
-        num_groups = _native.align_forward(
+        # Scratch of the kernel backend, kept for its backward (unused on the CPU backend).
+        work = torch.empty(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
+        links = torch.empty(2 * batch + 1, dtype=torch.int32, device=dev)
+        stream = stream_of(hidden)
+        num_groups, on_kernels = _native.align_forward(
             hidden.detach(),
             mask.detach(),
             rewards.detach(),
@@ -60,10 +65,17 @@ class _AlignLoss(torch.autograd.Function):
             group_loss,
             group_valid,
             scalars,
+            work,
+            links,
+            stream,
         )
+        if on_kernels and reduction == "none" and group_ids is not None:
+            # The group count shapes the result: the one host read of the kernel path.
+            num_groups = int(torch.unique(group_ids).numel())
         ctx.save_for_backward(hidden, rows, groups, correct)
         ctx.options = options
         ctx.num_groups = num_groups
+        ctx.kernel_state = (group_loss, group_valid, scalars, work, links) if on_kernels else None
         value = group_loss[:num_groups] if reduction == "none" else scalars[0].clone()
         valid = group_valid[:num_groups]
         stats = scalars[1:]
@@ -76,9 +88,10 @@ class _AlignLoss(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
         loss_type, reduction, _, eps, tau = ctx.options
-        vals = torch.empty(
-            rows.shape[0], hidden.shape[-1], dtype=accumulator(hidden.dtype), device=hidden.device
-        )
+        shape = (rows.shape[0], hidden.shape[-1])
+        vals = torch.empty(shape, dtype=accumulator(hidden.dtype), device=hidden.device)
+        state = ctx.kernel_state
+        centre = None if state is None else torch.empty_like(vals)
         _native.align_backward(
             hidden.detach(),
             rows,
@@ -91,6 +104,9 @@ class _AlignLoss(torch.autograd.Function):
             eps,
             tau,
             vals,
+            state,
+            centre,
+            stream_of(hidden),
         )
         grad = AnchorRowGrad(hidden, rows, vals)
         if torch.is_grad_enabled():

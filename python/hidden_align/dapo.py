@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from . import _native
+from ._backend import stream_of
 from ._args import (
     accumulator,
     as_float,
@@ -42,16 +43,22 @@ _AGG_MODES = (
 
 
 def _optional_number(name: str, value) -> float | None:
-    """A Python number or a 0-d tensor (read on the host) as float."""
+    """A Python number as float (None stays None)."""
     if value is None:
         return None
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ArgumentError(f"{name}: expected a number or a 1-element tensor")
-        return float(value.item())
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ArgumentError(f"{name}: expected a number, got {type(value).__name__}")
     return float(value)
+
+
+def _normaliser(name: str, value) -> tuple:
+    """``(number, None)`` or ``(None, tensor)``: a one-element tensor is passed as it is and
+    read where it lives (on the device by the CUDA kernels: no host synchronisation)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ArgumentError(f"{name}: expected a number or a 1-element tensor")
+        return None, value.detach()
+    return _optional_number(name, value), None
 
 
 def group_ids_from_uids(uids: Iterable) -> torch.Tensor:
@@ -101,6 +108,9 @@ def group_advantages(
     out = torch.empty(
         scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
     )
+    stream = stream_of(scores)
+    # float64 per-rollout sums: scratch of the CUDA kernels (unused on the CPU backend).
+    totals = torch.empty(out.shape[0], dtype=torch.float64, device=scores.device)
     _native.group_advantages(
         scores.detach(),
         detached(group_ids),
@@ -108,6 +118,8 @@ def group_advantages(
         as_float("eps", eps),
         bool(norm_by_std),
         out,
+        totals,
+        stream,
     )
     return out
 
@@ -139,7 +151,9 @@ def dynamic_sampling_mask(
     out = torch.empty(
         metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
     )
-    _native.dynamic_sampling_mask(metric.detach(), detached(group_ids), group_size, out)
+    _native.dynamic_sampling_mask(
+        metric.detach(), detached(group_ids), group_size, out, stream_of(metric)
+    )
     return out
 
 
@@ -175,6 +189,7 @@ def overlong_penalty(
         as_float("buffer_length", buffer_length),
         as_float("penalty_factor", penalty_factor),
         out,
+        stream_of(response_lengths),
     )
     return out
 
@@ -191,9 +206,11 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, log_prob, old_log_prob, advantages, response_mask, weights, clip, agg):
+        agg, norm_tensors = agg
         acc = accumulator(log_prob.dtype)
         dev = log_prob.device
         batch = log_prob.shape[0] if log_prob.dim() == 2 else 0
+        cols = log_prob.shape[1] if log_prob.dim() == 2 else 0
         scalars = torch.empty(4, dtype=acc, device=dev)
         row_scale = torch.empty(batch, dtype=acc, device=dev)
         factor = None
@@ -202,7 +219,13 @@ class _PolicyLoss(torch.autograd.Function):
         w = detached(weights)
         inputs = (log_prob.detach(), old_log_prob.detach(), advantages.detach())
         inputs += (response_mask.detach(), w)
-        _native.policy_loss_forward(inputs, clip, *agg, scalars, row_scale, factor)
+        stream = stream_of(log_prob)
+        # Per-(row, column chunk) sums: scratch of the CUDA kernels (unused on the CPU backend).
+        chunks = max(1, -(-cols // _native.POLICY_CHUNK))
+        partials = torch.empty(batch, chunks, 5, dtype=torch.float64, device=dev)
+        _native.policy_loss_forward(
+            inputs, clip, *agg, scalars, row_scale, factor, norm_tensors, partials, stream
+        )
         ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
         ctx.weights = w
         ctx.clip = clip
@@ -225,10 +248,11 @@ class _PolicyLoss(torch.autograd.Function):
             (log_prob.detach(), old.detach(), adv.detach(), mask.detach(), ctx.weights),
             ctx.clip,
             row_scale,
-            # The upstream gradient of a scalar loss is one number, read on the host.
-            float(grad_loss),
+            # A one-element tensor: the CUDA kernels read it on the device.
+            grad_loss.detach(),
             grad,
             saved,
+            stream_of(log_prob),
         )
         return grad, None, None, None, None, None, None
 
@@ -309,13 +333,10 @@ def policy_loss(
         as_float("clip_ratio_c", clip_ratio_c),
         clamp,
     )
-    agg = (
-        loss_agg_mode,
-        _optional_number("batch_num_tokens", batch_num_tokens),
-        dp_size,
-        _optional_number("global_batch_size", global_batch_size),
-        _optional_number("loss_scale_factor", loss_scale_factor),
-    )
+    bnt, bnt_tensor = _normaliser("batch_num_tokens", batch_num_tokens)
+    gbs, gbs_tensor = _normaliser("global_batch_size", global_batch_size)
+    lsf, lsf_tensor = _normaliser("loss_scale_factor", loss_scale_factor)
+    agg = ((loss_agg_mode, bnt, dp_size, gbs, lsf), (bnt_tensor, gbs_tensor, lsf_tensor))
     loss, metrics = _PolicyLoss.apply(
         log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, clip, agg
     )

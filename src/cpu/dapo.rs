@@ -233,7 +233,10 @@ impl<A: Acc> Block<A> {
             self.lp[i] = pick(on, self.lp[i], zero);
             self.old[i] = pick(on, self.old[i], zero);
             self.adv[i] = pick(on, self.adv[i], zero);
-            self.w[i] = pick(on, self.w[i], zero);
+            // Without weights w is never reloaded: set it from the mask, or a position masked
+            // in an earlier block of the row would stay zeroed.
+            let w = if v.weights.is_some() { self.w[i] } else { A::one() };
+            self.w[i] = pick(on, w, zero);
         }
     }
 }

@@ -4,9 +4,12 @@
 use std::str::FromStr;
 
 use crate::cpu;
+use crate::cuda::{self, Executor};
 use crate::error::{Error, Result};
-use crate::ops::anchors::{AnchorPlan, RowSpace};
-use crate::tensor::TensorRef;
+use crate::ops::anchors::{self, AnchorPlan, RowSpace};
+use crate::tensor::{DType, TensorRef};
+
+pub use crate::cuda::align::{AlignBuffers, AlignInputs};
 
 /// The per-group loss (DESIGN section 3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -158,6 +161,77 @@ pub fn backward(
         cpu::align::backward::<T>(hidden, &space, plan, cfg, upstream, out);
         Ok(())
     })
+}
+
+/// Forward on the kernel backend: validates what needs no element read, fills `bufs` on the
+/// device (no host synchronisation) and returns the number of groups (B, an upper bound, when
+/// groups come as labels: counting them would need a read).
+pub fn forward_kernels(
+    exec: &Executor,
+    hidden: &TensorRef,
+    inputs: &AlignInputs,
+    cfg: &AlignConfig,
+    bufs: &AlignBuffers,
+) -> Result<usize> {
+    let space = RowSpace::of(hidden)?;
+    cuda::expect_kernel_float(hidden)?;
+    let batch = anchors::check_metadata(
+        hidden,
+        &space,
+        inputs.anchors,
+        inputs.rewards,
+        inputs.grouping,
+        inputs.threshold,
+        inputs.cu_seqlens,
+    )?;
+    check_buffers(bufs, batch)?;
+    cuda::align::forward(exec, hidden, &space, inputs, cfg, bufs)?;
+    Ok(inputs.grouping.check_metadata(batch)?.unwrap_or(batch))
+}
+
+/// Backward on the kernel backend: `grad_rows` (float32 `[B, H]`) receives `dL/dh` at each
+/// rollout's anchor row; `centre` (float32 `[B, H]`) is scratch; `upstream` is the gradient of
+/// the result, read on the device.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_kernels(
+    exec: &Executor,
+    hidden: &TensorRef,
+    cfg: &AlignConfig,
+    bufs: &AlignBuffers,
+    num_groups: usize,
+    upstream: &TensorRef,
+    centre: &TensorRef,
+    grad_rows: &TensorRef,
+) -> Result<()> {
+    let space = RowSpace::of(hidden)?;
+    cuda::expect_kernel_float(hidden)?;
+    let batch = bufs.rows.shape().first().copied().unwrap_or(0);
+    check_buffers(bufs, batch)?;
+    let want: &[usize] = if cfg.reduction == Reduction::None {
+        &[num_groups]
+    } else {
+        &[]
+    };
+    if upstream.shape() != want && upstream.numel() != 1 {
+        return Err(Error::shape("grad_output", format!("{want:?}"), upstream.shape()));
+    }
+    upstream.expect_dtype(&[DType::F32])?;
+    for t in [centre, grad_rows] {
+        cuda::expect_buffer(t, &[batch, space.hidden_size], DType::F32)?;
+    }
+    cuda::align::backward(exec, hidden, &space, cfg, bufs, upstream, centre, grad_rows)
+}
+
+fn check_buffers(bufs: &AlignBuffers, batch: usize) -> Result<()> {
+    use cuda::expect_buffer;
+    expect_buffer(bufs.rows, &[batch], DType::I64)?;
+    expect_buffer(bufs.groups, &[batch], DType::I64)?;
+    expect_buffer(bufs.correct, &[batch], DType::Bool)?;
+    expect_buffer(bufs.group_loss, &[batch], DType::F32)?;
+    expect_buffer(bufs.group_valid, &[batch], DType::Bool)?;
+    expect_buffer(bufs.scalars, &[4], DType::F32)?;
+    expect_buffer(bufs.work, &[cuda::align::WORK_ROWS, batch], DType::F32)?;
+    expect_buffer(bufs.links, &[2 * batch + 1], DType::I32)
 }
 
 fn check_plan_rows(plan: &AnchorPlan, space: &RowSpace) -> Result<()> {

@@ -403,3 +403,96 @@ mod tests {
         );
     }
 }
+
+/// The checks of [`plan`] that need no element of any tensor (shapes, dtypes, devices were
+/// checked by the backend selection): what the kernel backend can verify without reading
+/// device memory. Returns B. Value checks (anchors in range, one anchor per mask row,
+/// `cu_seqlens` offsets) happen in the kernels, which make the loss NaN instead of raising.
+pub fn check_metadata(
+    hidden: &TensorRef,
+    space: &RowSpace,
+    anchors: &Anchors,
+    rewards: &TensorRef,
+    grouping: &Grouping,
+    threshold: f64,
+    cu_seqlens: Option<&TensorRef>,
+) -> Result<usize> {
+    rewards.expect_ndim(1, "[B]")?;
+    let batch = rewards.shape()[0];
+    if !threshold.is_finite() {
+        return Err(Error::value("threshold", "a finite number", threshold));
+    }
+    if !space.packed && hidden.shape()[0] != batch {
+        return Err(Error::Shape {
+            arg: "hidden",
+            expected: format!("[B, T, H] with B = {batch} (the length of rewards)"),
+            got: format!("{:?}", hidden.shape()),
+        });
+    }
+    let ints = [DType::I64, DType::I32];
+    match (space.packed, cu_seqlens) {
+        (false, Some(_)) => {
+            return Err(Error::value(
+                "cu_seqlens",
+                "None for padded hidden [B, T, H]",
+                "a tensor",
+            ));
+        }
+        (true, Some(cu)) => {
+            cu.expect_dtype(&ints)?;
+            if cu.shape() != [batch + 1] {
+                return Err(Error::shape(
+                    "cu_seqlens",
+                    format!("[B + 1] = [{}]", batch + 1),
+                    cu.shape(),
+                ));
+            }
+        }
+        _ => {}
+    }
+    match anchors {
+        Anchors::Mask(mask) => {
+            mask.expect_dtype(&[DType::Bool, DType::U8])?;
+            if space.packed {
+                if cu_seqlens.is_none() {
+                    return Err(Error::value(
+                        "cu_seqlens",
+                        "a [B + 1] tensor when mask is a bool mask over packed hidden [N, H]",
+                        "None",
+                    ));
+                }
+                if mask.shape() != [space.rows] {
+                    return Err(Error::shape(
+                        "mask",
+                        format!("[N] = [{}]", space.rows),
+                        mask.shape(),
+                    ));
+                }
+            } else if mask.shape() != [batch, space.inner] {
+                return Err(Error::shape(
+                    "mask",
+                    format!("[B, T] = [{batch}, {}] or an int64 index [B]", space.inner),
+                    mask.shape(),
+                ));
+            }
+        }
+        Anchors::Index(index) => {
+            if !ints.contains(&index.dtype()) {
+                return Err(Error::Dtype {
+                    arg: "mask",
+                    expected: "bool or uint8 (an anchor mask) or int64 (anchor indices)".into(),
+                    got: index.dtype().to_string(),
+                });
+            }
+            if index.shape() != [batch] {
+                return Err(Error::shape(
+                    "mask",
+                    format!("an index [B] = [{batch}]"),
+                    index.shape(),
+                ));
+            }
+        }
+    }
+    grouping.check_metadata(batch)?;
+    Ok(batch)
+}

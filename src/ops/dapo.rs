@@ -5,9 +5,12 @@
 use std::str::FromStr;
 
 use crate::cpu;
+use crate::cuda::{self, Backend};
 use crate::error::{Error, Result};
+use crate::ops::grouping_tensor;
 use crate::ops::groups::{Grouping, dense_groups};
-use crate::ops::{grouping_tensor, same_cpu_device};
+
+pub use crate::cuda::dapo::{NormaliserTensors, PolicyForwardBuffers, policy_chunks};
 use crate::tensor::{DType, TensorRef};
 
 const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
@@ -15,16 +18,18 @@ const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
 /// Group-normalised outcome advantages (verl `compute_grpo_outcome_advantage`): per group the
 /// mean and unbiased std of the scores, `A = (r - mean) / (std + eps)` or `r - mean`; a
 /// singleton group has mean 0 and std 1. `scores` is `[B]` or token-level `[B, T]` (summed
-/// over T); `out` is float32 `[B]`.
+/// over T); `out` is float32 `[B]`. The kernel backend needs `totals`, float64 `[B]` scratch.
 pub fn group_advantages(
     scores: &TensorRef,
     grouping: &Grouping,
     eps: f64,
     norm_by_std: bool,
     out: &mut TensorRef,
+    totals: Option<&TensorRef>,
+    stream: Option<usize>,
 ) -> Result<()> {
     scores.expect_dtype(&FLOATS)?;
-    same_cpu_device(scores, &[grouping_tensor(grouping)])?;
+    let backend = cuda::select(scores, &[grouping_tensor(grouping), totals], stream)?;
     if scores.ndim() != 1 && scores.ndim() != 2 {
         return Err(Error::shape(
             "scores",
@@ -36,6 +41,13 @@ pub fn group_advantages(
         return Err(Error::value("eps", "a finite number >= 0", eps));
     }
     let batch = scores.shape()[0];
+    if let Backend::Kernels(exec) = backend {
+        grouping.check_metadata(batch)?;
+        cuda::expect_buffer(out, &[batch], DType::F32)?;
+        let totals = totals.ok_or_else(|| scratch_missing("totals"))?;
+        cuda::expect_buffer(totals, &[batch], DType::F64)?;
+        return cuda::dapo::group_advantages(&exec, scores, grouping, eps, norm_by_std, totals, out);
+    }
     let (group, num_groups) = dense_groups(grouping, batch)?;
     expect_out(out, &[batch], DType::F32)?;
     let totals = crate::dispatch_float!(scores.dtype(), T => cpu::dapo::row_sums::<T>(scores));
@@ -51,10 +63,16 @@ pub fn dynamic_sampling_mask(
     metric: &TensorRef,
     grouping: &Grouping,
     out: &mut TensorRef,
+    stream: Option<usize>,
 ) -> Result<()> {
-    same_cpu_device(metric, &[grouping_tensor(grouping)])?;
+    let backend = cuda::select(metric, &[grouping_tensor(grouping)], stream)?;
     metric.expect_ndim(1, "[B]")?;
     let batch = metric.shape()[0];
+    if let Backend::Kernels(exec) = backend {
+        grouping.check_metadata(batch)?;
+        cuda::expect_buffer(out, &[batch], DType::Bool)?;
+        return cuda::dapo::dynamic_sampling_mask(&exec, metric, grouping, out);
+    }
     let (group, num_groups) = dense_groups(grouping, batch)?;
     expect_out(out, &[batch], DType::Bool)?;
     let values = metric.to_f64_vec()?;
@@ -72,8 +90,9 @@ pub fn overlong_penalty(
     buffer_length: f64,
     penalty_factor: f64,
     out: &mut TensorRef,
+    stream: Option<usize>,
 ) -> Result<()> {
-    same_cpu_device(lengths, &[])?;
+    let backend = cuda::select(lengths, &[], stream)?;
     lengths.expect_ndim(1, "[B]")?;
     if !(buffer_length.is_finite() && buffer_length > 0.0) {
         return Err(Error::value(
@@ -96,6 +115,17 @@ pub fn overlong_penalty(
             penalty_factor,
         ));
     }
+    if let Backend::Kernels(exec) = backend {
+        cuda::expect_buffer(out, &[lengths.shape()[0]], DType::F32)?;
+        return cuda::dapo::overlong_penalty(
+            &exec,
+            lengths,
+            max_response_length,
+            buffer_length,
+            penalty_factor,
+            out,
+        );
+    }
     let values = lengths.to_f64_vec()?;
     expect_out(out, &[values.len()], DType::F32)?;
     // SAFETY: out is a fresh output owned by this call.
@@ -105,6 +135,10 @@ pub fn overlong_penalty(
         *o = (-(l - expected) / buffer_length * penalty_factor).min(0.0) as f32;
     }
     Ok(())
+}
+
+fn scratch_missing(name: &'static str) -> Error {
+    Error::value(name, "a scratch tensor for the kernel backend", "None")
 }
 
 fn expect_out(out: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
@@ -285,12 +319,12 @@ pub struct PolicyInputs<'a> {
 }
 
 impl PolicyInputs<'_> {
-    fn validate(&self) -> Result<(usize, usize)> {
+    fn validate(&self, stream: Option<usize>) -> Result<((usize, usize), Backend)> {
         let lp = &self.log_prob;
         lp.expect_dtype(&FLOATS)?;
         lp.expect_ndim(2, "[B, T]")?;
         let (b, t) = (lp.shape()[0], lp.shape()[1]);
-        same_cpu_device(
+        let backend = cuda::select(
             lp,
             &[
                 Some(&self.old_log_prob),
@@ -298,7 +332,11 @@ impl PolicyInputs<'_> {
                 Some(&self.response_mask),
                 self.rollout_is_weights.as_ref(),
             ],
+            stream,
         )?;
+        if let Backend::Kernels(_) = backend {
+            cuda::expect_kernel_float(lp)?;
+        }
         let same_dtype = |x: &TensorRef| -> Result<()> {
             if x.dtype() == lp.dtype() {
                 return Ok(());
@@ -337,7 +375,7 @@ impl PolicyInputs<'_> {
                 self.response_mask.shape(),
             ));
         }
-        Ok((b, t))
+        Ok(((b, t), backend))
     }
 }
 
@@ -364,14 +402,51 @@ pub fn policy_loss_forward(
     agg: &AggConfig,
     row_scale: &mut TensorRef,
     factor: Option<&mut TensorRef>,
-) -> Result<PolicyForward> {
-    let (b, t) = inputs.validate()?;
-    let acc = accumulator(inputs.log_prob.dtype());
+    kernel: PolicyKernelArgs,
+) -> Result<Option<PolicyForward>> {
+    let ((b, t), backend) = inputs.validate(kernel.stream)?;
+    let dtype = inputs.log_prob.dtype();
+    if let Backend::Kernels(exec) = backend {
+        cuda::expect_buffer(row_scale, &[b], DType::F32)?;
+        if let Some(f) = &factor {
+            cuda::expect_buffer(f, &[b, t], dtype)?;
+        }
+        let scalars = kernel.scalars.ok_or_else(|| scratch_missing("scalars"))?;
+        cuda::expect_buffer(scalars, &[4], DType::F32)?;
+        let partials = kernel.partials.ok_or_else(|| scratch_missing("partials"))?;
+        let chunks = policy_chunks(t);
+        cuda::expect_buffer(partials, &[b, chunks, cuda::dapo::POLICY_SUMS], DType::F64)?;
+        let norms = kernel.norms;
+        for n in [&norms.batch_num_tokens, &norms.global_batch_size, &norms.loss_scale_factor]
+            .into_iter()
+            .flatten()
+        {
+            if n.numel() != 1 {
+                return Err(Error::shape(n.name(), "one element", n.shape()));
+            }
+            if n.device() != inputs.log_prob.device() {
+                return Err(Error::Device {
+                    arg: n.name(),
+                    expected: inputs.log_prob.device().to_string(),
+                    got: n.device().to_string(),
+                });
+            }
+        }
+        let bufs = PolicyForwardBuffers {
+            scalars,
+            row_scale,
+            factor: factor.as_deref(),
+            partials,
+        };
+        cuda::dapo::policy_forward(&exec, inputs, (b, t), clip, agg, norms, &bufs)?;
+        return Ok(None);
+    }
+    let acc = accumulator(dtype);
     expect_out(row_scale, &[b], acc)?;
     if let Some(f) = &factor {
-        expect_out(f, &[b, t], inputs.log_prob.dtype())?;
+        expect_out(f, &[b, t], dtype)?;
     }
-    crate::dispatch_float!(inputs.log_prob.dtype(), T => {
+    crate::dispatch_float!(dtype, T => {
         crate::dispatch_any!(inputs.response_mask.dtype(), M => {
             // SAFETY: row_scale and factor are fresh outputs owned by this call.
             let scale = unsafe { row_scale.as_mut_slice::<<T as cpu::float::Elem>::Acc>()? };
@@ -379,27 +454,53 @@ pub fn policy_loss_forward(
                 Some(f) => Some(unsafe { f.as_mut_slice::<T>()? }),
                 None => None,
             };
-            Ok(cpu::dapo::policy_forward::<T, M>(inputs, (b, t), clip, agg, scale, factor))
+            Ok(Some(cpu::dapo::policy_forward::<T, M>(inputs, (b, t), clip, agg, scale, factor)))
         })
     })
+}
+
+/// What only the kernel backend of [`policy_loss_forward`] needs.
+pub struct PolicyKernelArgs<'a, 'b> {
+    /// float32 `[4]` out: loss and metrics, written on the device.
+    pub scalars: Option<&'b TensorRef<'a>>,
+    /// float64 `[B, policy_chunks(T), 5]` scratch.
+    pub partials: Option<&'b TensorRef<'a>>,
+    /// Normalisers given as device tensors.
+    pub norms: &'b NormaliserTensors<'a>,
+    /// PyTorch's current stream of the tensors' device, for CUDA tensors.
+    pub stream: Option<usize>,
 }
 
 /// Backward of the clipped policy loss in one pass: `grad` (`[B, T]`, the dtype of
 /// `log_prob`) receives `upstream * dloss/dlog_prob`, zero at masked positions. With
 /// `saved_factor`, `grad` holds the factor the forward wrote and is scaled in place; otherwise
-/// the token math is recomputed from the inputs.
+/// the token math is recomputed from the inputs. `upstream` is the one-element gradient of
+/// the loss (read on the device by the kernel backend).
 pub fn policy_loss_backward(
     inputs: &PolicyInputs,
     clip: &ClipConfig,
     row_scale: &TensorRef,
-    upstream: f64,
+    upstream: &TensorRef,
     grad: &mut TensorRef,
     saved_factor: bool,
+    stream: Option<usize>,
 ) -> Result<()> {
-    let (b, t) = inputs.validate()?;
-    expect_out(row_scale, &[b], accumulator(inputs.log_prob.dtype()))?;
-    expect_out(grad, &[b, t], inputs.log_prob.dtype())?;
-    crate::dispatch_float!(inputs.log_prob.dtype(), T => {
+    let ((b, t), backend) = inputs.validate(stream)?;
+    let dtype = inputs.log_prob.dtype();
+    if let Backend::Kernels(exec) = backend {
+        cuda::expect_buffer(row_scale, &[b], DType::F32)?;
+        cuda::expect_buffer(grad, &[b, t], dtype)?;
+        if upstream.numel() != 1 || upstream.device() != inputs.log_prob.device() {
+            return Err(Error::shape("grad_output", "one element on the device of log_prob", upstream.shape()));
+        }
+        return cuda::dapo::policy_backward(
+            &exec, inputs, (b, t), clip, row_scale, upstream, grad, saved_factor,
+        );
+    }
+    let upstream = upstream.item_f64("grad_output")?;
+    expect_out(row_scale, &[b], accumulator(dtype))?;
+    expect_out(grad, &[b, t], dtype)?;
+    crate::dispatch_float!(dtype, T => {
         let scale = row_scale.as_slice::<<T as cpu::float::Elem>::Acc>()?;
         // SAFETY: grad is an output owned by this call (fresh, or the saved factor that only
         // the autograd node holds).

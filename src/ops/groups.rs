@@ -1,7 +1,7 @@
 //! Rollout grouping shared by every op: explicit labels or contiguous blocks.
 
 use crate::error::{Error, Result};
-use crate::tensor::TensorRef;
+use crate::tensor::{DType, TensorRef};
 
 /// How rollouts are grouped.
 pub enum Grouping<'a> {
@@ -75,4 +75,37 @@ pub fn members(group: &[usize], num_groups: usize) -> Vec<Vec<usize>> {
         out[g].push(b);
     }
     out
+}
+
+impl Grouping<'_> {
+    /// Checks that need no label values: `[B]` int32/int64 labels, or a block size dividing
+    /// B. Returns the number of groups when it is known without reading labels.
+    pub fn check_metadata(&self, batch: usize) -> Result<Option<usize>> {
+        match self {
+            Grouping::Size(0) => Err(Error::value("group_size", "a positive integer", 0)),
+            Grouping::Size(g) if batch % g != 0 => Err(Error::value(
+                "group_size",
+                format!("a divisor of the batch size B = {batch}"),
+                g,
+            )),
+            Grouping::Size(g) => Ok(Some(batch / g)),
+            Grouping::Ids(ids) => {
+                if ids.shape() != [batch] {
+                    return Err(Error::shape(
+                        "group_ids",
+                        format!("[B] = [{batch}]"),
+                        ids.shape(),
+                    ));
+                }
+                if !matches!(ids.dtype(), DType::I64 | DType::I32) {
+                    return Err(Error::Dtype {
+                        arg: "group_ids",
+                        expected: "int64 or int32".into(),
+                        got: ids.dtype().to_string(),
+                    });
+                }
+                Ok(None)
+            }
+        }
+    }
 }

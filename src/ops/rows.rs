@@ -5,6 +5,7 @@
 //! else feeds it).
 
 use crate::cpu;
+use crate::cuda::{self, Backend};
 use crate::error::{Error, Result};
 use crate::ops::anchors::RowSpace;
 use crate::tensor::{DType, TensorRef};
@@ -13,8 +14,28 @@ use crate::tensor::{DType, TensorRef};
 /// accumulate). `dst` is `[B, T, H]` or `[N, H]` with any strides, `rows` int64 `[k]` flat
 /// rows, `vals` `[k, H]` contiguous in the accumulator type of `dst` (float64 for float64,
 /// float32 otherwise). Each sum is formed in that type and rounded once.
-pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> Result<()> {
+pub fn scatter_add(
+    dst: &mut TensorRef,
+    rows: &TensorRef,
+    vals: &TensorRef,
+    stream: Option<usize>,
+) -> Result<()> {
     let space = RowSpace::of(dst)?;
+    if space.hidden_size > 1 && space.feature_stride == 0 {
+        return Err(Error::value(
+            "dst",
+            "a tensor without overlapping elements",
+            "an expanded view",
+        ));
+    }
+    if let Backend::Kernels(exec) = cuda::select(dst, &[Some(rows), Some(vals)], stream)? {
+        // Row values are checked by the kernel (out-of-range rows are skipped).
+        cuda::expect_kernel_float(dst)?;
+        let k = rows.numel();
+        cuda::expect_buffer(rows, &[k], DType::I64)?;
+        cuda::expect_buffer(vals, &[k, space.hidden_size], DType::F32)?;
+        return cuda::rows::scatter_add(&exec, dst, &space, rows, vals);
+    }
     let rows = rows.to_i64_vec()?;
     if vals.shape() != [rows.len(), space.hidden_size] {
         return Err(Error::shape(
@@ -32,13 +53,6 @@ pub fn scatter_add(dst: &mut TensorRef, rows: &TensorRef, vals: &TensorRef) -> R
             "rows",
             format!("-1 or a row below {}", space.rows),
             format!("{r} at {j}"),
-        ));
-    }
-    if space.hidden_size > 1 && space.feature_stride == 0 {
-        return Err(Error::value(
-            "dst",
-            "a tensor without overlapping elements",
-            "an expanded view",
         ));
     }
     let acc = if dst.dtype() == DType::F64 {

@@ -5,8 +5,9 @@ use pyo3::prelude::*;
 
 use super::errors::run;
 use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
+use crate::cuda::{self, Backend};
 use crate::error::Result;
-use crate::ops::align::{self, AlignConfig};
+use crate::ops::align::{self, AlignBuffers, AlignConfig, AlignInputs};
 use crate::ops::anchors::{self, AnchorPlan, Anchors};
 use crate::ops::groups::Grouping;
 use crate::tensor::{DType, TensorRef};
@@ -25,15 +26,20 @@ fn write_i64(out: &mut TensorRef, vals: impl Iterator<Item = i64>) -> Result<()>
     Ok(())
 }
 
-/// Forward of the alignment loss. Fills the outputs and returns the number of groups.
+/// Forward of the alignment loss. Fills the outputs and returns `(number of groups, whether
+/// the kernel backend ran)`; on the kernel backend with group labels the number is B, an
+/// upper bound (counting the labels would need a read of device memory).
 ///
 /// Outputs: `out_rows`/`out_groups` int64 `[B]` and `out_correct` bool `[B]` (the plan the
 /// backward needs), `out_group_loss` `[B]` and `out_group_valid` bool `[B]` (first G
 /// entries used), `out_scalars` `[4]` = loss, mean cosine, valid groups, anchored correct.
+/// The kernel backend also fills `work` (float32 `[8, B]`) and `links` (int32 `[2 B + 1]`),
+/// which its backward reads.
 #[pyfunction]
 #[pyo3(signature = (hidden, mask, rewards, group_ids, group_size, cu_seqlens, loss_type,
                     reduction, threshold, eps, tau, out_rows, out_groups, out_correct,
-                    out_group_loss, out_group_valid, out_scalars))]
+                    out_group_loss, out_group_valid, out_scalars, work=None, links=None,
+                    stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn align_forward(
     py: Python<'_>,
@@ -54,7 +60,10 @@ pub fn align_forward(
     out_group_loss: &Bound<'_, PyAny>,
     out_group_valid: &Bound<'_, PyAny>,
     out_scalars: &Bound<'_, PyAny>,
-) -> PyResult<usize> {
+    work: Option<&Bound<'_, PyAny>>,
+    links: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
+) -> PyResult<(usize, bool)> {
     let hidden = import(hidden, "hidden")?;
     let mask = import(mask, "mask")?;
     let rewards = import(rewards, "rewards")?;
@@ -68,6 +77,8 @@ pub fn align_forward(
         import(out_group_valid, "out_group_valid")?,
         import(out_scalars, "out_scalars")?,
     ];
+    let work = import_opt(work, "work")?;
+    let links = import_opt(links, "links")?;
     let (loss_type, reduction) = (loss_type.to_owned(), reduction.to_owned());
     run(py, "hidden_align.loss", move || {
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
@@ -78,13 +89,49 @@ pub fn align_forward(
             _ => Anchors::Index(mask),
         };
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
+        let rewards = rewards.view()?;
+        let cu_seqlens = view_opt(&cu_seqlens)?;
+        let anchor_tensor = match &anchors {
+            Anchors::Mask(t) | Anchors::Index(t) => t,
+        };
+        let others = [
+            Some(&rewards),
+            Some(anchor_tensor),
+            cu_seqlens.as_ref(),
+            crate::ops::grouping_tensor(&grouping),
+        ];
+        if let Backend::Kernels(exec) = cuda::select(&hidden, &others, stream)? {
+            let v: Vec<TensorRef> = outs.iter().map(Borrowed::view).collect::<Result<_>>()?;
+            let missing = |name| crate::error::Error::value(name, "a scratch tensor", "None");
+            let work = view_opt(&work)?.ok_or_else(|| missing("work"))?;
+            let links = view_opt(&links)?.ok_or_else(|| missing("links"))?;
+            let bufs = AlignBuffers {
+                rows: &v[0],
+                groups: &v[1],
+                correct: &v[2],
+                group_loss: &v[3],
+                group_valid: &v[4],
+                scalars: &v[5],
+                work: &work,
+                links: &links,
+            };
+            let inputs = AlignInputs {
+                anchors: &anchors,
+                rewards: &rewards,
+                threshold,
+                grouping: &grouping,
+                cu_seqlens: cu_seqlens.as_ref(),
+            };
+            let groups = align::forward_kernels(&exec, &hidden, &inputs, &cfg, &bufs)?;
+            return Ok((groups, true));
+        }
         let plan = anchors::plan(
             &hidden,
             &anchors,
-            &rewards.view()?,
+            &rewards,
             &grouping,
             threshold,
-            view_opt(&cu_seqlens)?.as_ref(),
+            cu_seqlens.as_ref(),
         )?;
         let fwd = align::forward(&hidden, &plan, &cfg)?;
         let mut v: Vec<TensorRef> = outs.iter().map(Borrowed::view).collect::<Result<_>>()?;
@@ -100,15 +147,28 @@ pub fn align_forward(
             fwd.anchored_correct as f64,
         ];
         write_floats(&mut v[5], scalars.into_iter())?;
-        Ok(plan.num_groups)
+        Ok((plan.num_groups, false))
     })
 }
 
+/// The forward's state the kernel backend's backward reads: `(group_loss, group_valid,
+/// scalars, work, links)`.
+type KernelState<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
+);
+
 /// Backward of the alignment loss: fills `out_grad_rows` `[B, H]` (float32, or float64 for
-/// float64 hidden) with `dL/dh` at each rollout's anchor row.
+/// float64 hidden) with `dL/dh` at each rollout's anchor row. After a forward on the kernel
+/// backend, `kernel_state` carries the forward's buffers and `centre` (float32 `[B, H]`) is
+/// scratch.
 #[pyfunction]
 #[pyo3(signature = (hidden, rows, groups, correct, num_groups, grad_output, loss_type,
-                    reduction, eps, tau, out_grad_rows))]
+                    reduction, eps, tau, out_grad_rows, kernel_state=None, centre=None,
+                    stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn align_backward(
     py: Python<'_>,
@@ -123,7 +183,21 @@ pub fn align_backward(
     eps: f64,
     tau: f64,
     out_grad_rows: &Bound<'_, PyAny>,
+    kernel_state: Option<KernelState<'_>>,
+    centre: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
+    let state = match &kernel_state {
+        Some((loss, valid, scalars, work, links)) => Some([
+            import(loss, "group_loss")?,
+            import(valid, "group_valid")?,
+            import(scalars, "scalars")?,
+            import(work, "work")?,
+            import(links, "links")?,
+        ]),
+        None => None,
+    };
+    let centre = import_opt(centre, "centre")?;
     let hidden = import(hidden, "hidden")?;
     let rows = import(rows, "rows")?;
     let groups = import(groups, "groups")?;
@@ -133,6 +207,41 @@ pub fn align_backward(
     let (loss_type, reduction) = (loss_type.to_owned(), reduction.to_owned());
     run(py, "hidden_align.loss backward", move || {
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
+        if let Some(state) = &state {
+            let hidden = hidden.view()?;
+            let Backend::Kernels(exec) = cuda::select(&hidden, &[], stream)? else {
+                return Err(crate::error::Error::value(
+                    "kernel_state",
+                    "None after a forward on the CPU backend",
+                    "a tuple",
+                ));
+            };
+            let s: Vec<TensorRef> = state.iter().map(Borrowed::view).collect::<Result<_>>()?;
+            let (rows, groups, correct) = (rows.view()?, groups.view()?, correct.view()?);
+            let bufs = AlignBuffers {
+                rows: &rows,
+                groups: &groups,
+                correct: &correct,
+                group_loss: &s[0],
+                group_valid: &s[1],
+                scalars: &s[2],
+                work: &s[3],
+                links: &s[4],
+            };
+            let centre = view_opt(&centre)?.ok_or_else(|| {
+                crate::error::Error::value("centre", "a scratch tensor", "None")
+            })?;
+            return align::backward_kernels(
+                &exec,
+                &hidden,
+                &cfg,
+                &bufs,
+                num_groups,
+                &grad_output.view()?,
+                &centre,
+                &out.view()?,
+            );
+        }
         let plan = AnchorPlan {
             rows: rows.view()?.to_i64_vec()?,
             group: groups
@@ -178,17 +287,19 @@ fn reshape_scalar(t: TensorRef<'_>) -> TensorRef<'_> {
 
 /// `dst[rows[j]] += vals[j]` in place (see `ops::rows::scatter_add`).
 #[pyfunction]
+#[pyo3(signature = (dst, rows, vals, stream=None))]
 pub fn scatter_add_rows(
     py: Python<'_>,
     dst: &Bound<'_, PyAny>,
     rows: &Bound<'_, PyAny>,
     vals: &Bound<'_, PyAny>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let dst = import(dst, "dst")?;
     let rows = import(rows, "rows")?;
     let vals = import(vals, "vals")?;
     run(py, "scatter_add_rows", move || {
-        crate::ops::rows::scatter_add(&mut dst.view()?, &rows.view()?, &vals.view()?)
+        crate::ops::rows::scatter_add(&mut dst.view()?, &rows.view()?, &vals.view()?, stream)
     })
 }
 

@@ -5,12 +5,16 @@ use pyo3::prelude::*;
 use super::errors::run;
 use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
 use crate::error::Result;
-use crate::ops::dapo::{self, AggConfig, ClipConfig, PolicyInputs};
+use crate::ops::dapo::{
+    self, AggConfig, ClipConfig, NormaliserTensors, PolicyInputs, PolicyKernelArgs,
+};
 use crate::ops::groups::Grouping;
 
 /// Group-normalised advantages into `out` (float32 `[B]`).
 #[pyfunction]
-#[pyo3(signature = (scores, group_ids, group_size, eps, norm_by_std, out))]
+#[pyo3(signature = (scores, group_ids, group_size, eps, norm_by_std, out, totals=None,
+                    stream=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     py: Python<'_>,
     scores: &Bound<'_, PyAny>,
@@ -19,10 +23,13 @@ pub fn group_advantages(
     eps: f64,
     norm_by_std: bool,
     out: &Bound<'_, PyAny>,
+    totals: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let scores = import(scores, "scores")?;
     let group_ids = import_opt(group_ids, "group_ids")?;
     let out = import(out, "out")?;
+    let totals = import_opt(totals, "totals")?;
     run(py, "hidden_align.dapo.group_advantages", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
         dapo::group_advantages(
@@ -31,31 +38,36 @@ pub fn group_advantages(
             eps,
             norm_by_std,
             &mut out.view()?,
+            view_opt(&totals)?.as_ref(),
+            stream,
         )
     })
 }
 
 /// Dynamic-sampling keep mask into `out` (bool `[B]`).
 #[pyfunction]
-#[pyo3(signature = (metric, group_ids, group_size, out))]
+#[pyo3(signature = (metric, group_ids, group_size, out, stream=None))]
 pub fn dynamic_sampling_mask(
     py: Python<'_>,
     metric: &Bound<'_, PyAny>,
     group_ids: Option<&Bound<'_, PyAny>>,
     group_size: Option<i64>,
     out: &Bound<'_, PyAny>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let metric = import(metric, "metric")?;
     let group_ids = import_opt(group_ids, "group_ids")?;
     let out = import(out, "out")?;
     run(py, "hidden_align.dapo.dynamic_sampling_mask", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
-        dapo::dynamic_sampling_mask(&metric.view()?, &grouping, &mut out.view()?)
+        dapo::dynamic_sampling_mask(&metric.view()?, &grouping, &mut out.view()?, stream)
     })
 }
 
 /// Overlong penalty into `out` (float32 `[B]`).
 #[pyfunction]
+#[pyo3(signature = (response_lengths, max_response_length, buffer_length, penalty_factor, out,
+                    stream=None))]
 pub fn overlong_penalty(
     py: Python<'_>,
     response_lengths: &Bound<'_, PyAny>,
@@ -63,6 +75,7 @@ pub fn overlong_penalty(
     buffer_length: f64,
     penalty_factor: f64,
     out: &Bound<'_, PyAny>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let lengths = import(response_lengths, "response_lengths")?;
     let out = import(out, "out")?;
@@ -73,6 +86,7 @@ pub fn overlong_penalty(
             buffer_length,
             penalty_factor,
             &mut out.view()?,
+            stream,
         )
     })
 }
@@ -126,12 +140,40 @@ fn clip_config((low, high, c, clamp): ClipArgs) -> Result<ClipConfig> {
     ClipConfig::new(low, high, c, clamp)
 }
 
+/// Normalisers given as tensors: `(batch_num_tokens, global_batch_size, loss_scale_factor)`,
+/// each a one-element tensor or None.
+type NormaliserArgs<'py> = (
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+    Option<Bound<'py, PyAny>>,
+);
+
+/// A normaliser given as a number, or as a one-element tensor: a CPU tensor is read here; a
+/// CUDA tensor stays on the device for the kernel to read, and a placeholder marks the value
+/// as given (for the dp_size > 1 checks).
+fn normaliser(
+    value: Option<f64>,
+    tensor: &Option<Borrowed>,
+) -> Result<(Option<f64>, Option<crate::tensor::TensorRef<'_>>)> {
+    let Some(t) = tensor else {
+        return Ok((value, None));
+    };
+    let view = t.view()?;
+    if view.device() == crate::tensor::Device::Cpu {
+        return Ok((Some(view.item_f64(view.name())?), None));
+    }
+    Ok((Some(1.0), Some(view)))
+}
+
 /// Forward of the clipped policy loss. Fills `out_scalars` (`[4]`: loss, pg_clipfrac, ppo_kl,
 /// pg_clipfrac_lower), `out_row_scale` (`[B]`, read by the backward) and, when given,
 /// `out_factor` (`[B, T]`: the per-token derivative the backward scales in place).
+/// `norm_tensors` overrides the numbers of the same names; `partials` is the kernel
+/// backend's scratch (`[B, policy_chunks(T), 5]` float64).
 #[pyfunction]
 #[pyo3(signature = (inputs, clip, loss_agg_mode, batch_num_tokens, dp_size, global_batch_size,
-                    loss_scale_factor, out_scalars, out_row_scale, out_factor))]
+                    loss_scale_factor, out_scalars, out_row_scale, out_factor,
+                    norm_tensors=(None, None, None), partials=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_forward(
     py: Python<'_>,
@@ -145,14 +187,24 @@ pub fn policy_loss_forward(
     out_scalars: &Bound<'_, PyAny>,
     out_row_scale: &Bound<'_, PyAny>,
     out_factor: Option<&Bound<'_, PyAny>>,
+    norm_tensors: NormaliserArgs<'_>,
+    partials: Option<&Bound<'_, PyAny>>,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let args = PolicyArgs::import(&inputs)?;
     let out = import(out_row_scale, "out_row_scale")?;
     let scalars = import(out_scalars, "out_scalars")?;
     let factor = import_opt(out_factor, "out_factor")?;
+    let partials = import_opt(partials, "partials")?;
+    let bnt = import_opt(norm_tensors.0.as_ref(), "batch_num_tokens")?;
+    let gbs = import_opt(norm_tensors.1.as_ref(), "global_batch_size")?;
+    let lsf = import_opt(norm_tensors.2.as_ref(), "loss_scale_factor")?;
     let mode = loss_agg_mode.to_owned();
     run(py, "hidden_align.dapo.policy_loss", move || {
         let clip = clip_config(clip)?;
+        let (batch_num_tokens, bnt) = normaliser(batch_num_tokens, &bnt)?;
+        let (global_batch_size, gbs) = normaliser(global_batch_size, &gbs)?;
+        let (loss_scale_factor, lsf) = normaliser(loss_scale_factor, &lsf)?;
         let agg = AggConfig::new(
             &mode,
             batch_num_tokens,
@@ -160,32 +212,56 @@ pub fn policy_loss_forward(
             global_batch_size,
             loss_scale_factor,
         )?;
+        let norms = NormaliserTensors {
+            batch_num_tokens: bnt,
+            global_batch_size: gbs,
+            loss_scale_factor: lsf,
+        };
         let mut factor = view_opt(&factor)?;
-        let f = dapo::policy_loss_forward(
+        let mut scalars = scalars.view()?;
+        let partials = view_opt(&partials)?;
+        let kernel = PolicyKernelArgs {
+            scalars: Some(&scalars),
+            partials: partials.as_ref(),
+            norms: &norms,
+            stream,
+        };
+        let host = dapo::policy_loss_forward(
             &args.views()?,
             &clip,
             &agg,
             &mut out.view()?,
             factor.as_mut(),
+            kernel,
         )?;
-        let values = [f.loss, f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
-        write_floats(&mut scalars.view()?, values.into_iter())
+        match host {
+            Some(f) => {
+                let values = [f.loss, f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
+                write_floats(&mut scalars, values.into_iter())
+            }
+            None => Ok(()),
+        }
     })
 }
 
 /// Backward of the clipped policy loss into `out_grad` (`[B, T]`, the dtype of log_prob);
 /// with `saved_factor`, `out_grad` holds the forward's `out_factor` and is scaled in place.
+/// `grad_output` is the one-element upstream gradient (read on the device for CUDA tensors).
 #[pyfunction]
+#[pyo3(signature = (inputs, clip, row_scale, grad_output, out_grad, saved_factor, stream=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn policy_loss_backward(
     py: Python<'_>,
     inputs: PolicyTensors<'_>,
     clip: ClipArgs,
     row_scale: &Bound<'_, PyAny>,
-    grad_output: f64,
+    grad_output: &Bound<'_, PyAny>,
     out_grad: &Bound<'_, PyAny>,
     saved_factor: bool,
+    stream: Option<usize>,
 ) -> PyResult<()> {
     let args = PolicyArgs::import(&inputs)?;
+    let grad_output = import(grad_output, "grad_output")?;
     let row_scale = import(row_scale, "row_scale")?;
     let out = import(out_grad, "out_grad")?;
     run(py, "hidden_align.dapo.policy_loss backward", move || {
@@ -195,9 +271,10 @@ pub fn policy_loss_backward(
             &args.views()?,
             &clip,
             &row_scale.view()?,
-            grad_output,
+            &grad_output.view()?,
             grad,
             saved_factor,
+            stream,
         )
     })
 }

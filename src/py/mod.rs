@@ -2,6 +2,7 @@
 //! error mapping; all work happens in `ops`.
 
 pub mod align;
+pub mod backend;
 pub mod dapo;
 pub mod errors;
 pub mod tensor;

@@ -1,0 +1,185 @@
+// Shared vocabulary of the kernels: fixed-width types, element loads and stores for float32,
+// bfloat16 and float16 (own conversions: NVRTC compiles these sources with no include path),
+// loads of integer/bool/float side inputs by dtype code, and deterministic reductions.
+//
+// The same sources compile as C++ against emulation/cuda_emulation.hpp (HA_EMULATION), which
+// runs them on the CPU for the test suite.
+#pragma once
+
+#ifndef HA_EMULATION
+typedef signed char int8_t;
+typedef unsigned char uint8_t;
+typedef unsigned short uint16_t;
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef long long int64_t;
+typedef unsigned long long uint64_t;
+#define HA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+// Kernels are found by name: NVRTC exports them unmangled.
+#define HA_EXPORT_KERNEL(name, Params)
+#endif
+
+#define HA_DEVICE __device__ __forceinline__
+
+// Threads per block of every kernel; launches (src/cuda/) use the same constant.
+#define HA_BLOCK 256
+#define HA_WARPS (HA_BLOCK / 32)
+
+// Storage types. bfloat16 and float16 travel as their 16-bit patterns.
+struct bf16 {
+    uint16_t bits;
+};
+struct f16 {
+    uint16_t bits;
+};
+
+HA_DEVICE float to_float(float x) { return x; }
+HA_DEVICE float to_float(bf16 x) { return __uint_as_float(static_cast<uint32_t>(x.bits) << 16); }
+HA_DEVICE float to_float(f16 x) {
+#ifdef HA_EMULATION
+    _Float16 h;
+    __builtin_memcpy(&h, &x.bits, 2);
+    return static_cast<float>(h);
+#else
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+#endif
+}
+
+template <class T>
+HA_DEVICE T from_float(float x);
+template <>
+HA_DEVICE float from_float<float>(float x) {
+    return x;
+}
+// Round to nearest even; NaN stays a (quiet) NaN.
+template <>
+HA_DEVICE bf16 from_float<bf16>(float x) {
+    const uint32_t u = __float_as_uint(x);
+    bf16 out;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        out.bits = static_cast<uint16_t>((u >> 16) | 0x40u);
+    } else {
+        out.bits = static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    }
+    return out;
+}
+template <>
+HA_DEVICE f16 from_float<f16>(float x) {
+    f16 out;
+#ifdef HA_EMULATION
+    const _Float16 h = static_cast<_Float16>(x);
+    __builtin_memcpy(&out.bits, &h, 2);
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(out.bits) : "f"(x));
+#endif
+    return out;
+}
+
+HA_DEVICE float f32_inf() { return __uint_as_float(0x7f800000u); }
+HA_DEVICE float f32_nan() { return __uint_as_float(0x7fc00000u); }
+HA_DEVICE bool is_nan(float x) { return x != x; }
+HA_DEVICE bool is_nan(double x) { return x != x; }
+
+// dtype codes of side inputs (masks, rewards, labels, lengths): src/cuda/mod.rs `code_of`.
+enum Code : int64_t {
+    CODE_BOOL = 0,  // bool and uint8
+    CODE_I32 = 1,
+    CODE_I64 = 2,
+    CODE_F32 = 3,
+    CODE_BF16 = 4,
+    CODE_F16 = 5,
+    CODE_F64 = 6,
+    CODE_I8 = 7,
+    CODE_I16 = 8,
+};
+
+// Element `i` (in elements, strides applied by the caller) of a side input as double.
+HA_DEVICE double load_as_double(const void* p, int64_t code, int64_t i) {
+    switch (code) {
+        case CODE_BOOL: return static_cast<const uint8_t*>(p)[i];
+        case CODE_I8: return static_cast<const int8_t*>(p)[i];
+        case CODE_I16: return static_cast<const short*>(p)[i];
+        case CODE_I32: return static_cast<const int32_t*>(p)[i];
+        case CODE_I64: return static_cast<double>(static_cast<const int64_t*>(p)[i]);
+        case CODE_F32: return static_cast<const float*>(p)[i];
+        case CODE_BF16: return to_float(static_cast<const bf16*>(p)[i]);
+        case CODE_F16: return to_float(static_cast<const f16*>(p)[i]);
+        default: return static_cast<const double*>(p)[i];
+    }
+}
+
+// A side input of any dtype: pointer (null: absent), dtype code and element stride.
+struct Side {
+    const void* p;
+    int64_t code;
+    int64_t stride;
+};
+
+// Integer labels (int32 or int64) as int64.
+HA_DEVICE int64_t load_label(const void* p, int64_t code, int64_t i) {
+    return code == CODE_I32 ? static_cast<const int32_t*>(p)[i] : static_cast<const int64_t*>(p)[i];
+}
+
+// Sum over the 32 lanes of a warp (all lanes must be live). The xor butterfly leaves the same
+// bits in every lane: each step adds the same two numbers on both partner lanes.
+template <class A>
+HA_DEVICE A warp_sum(A v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+HA_DEVICE float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = other > v ? other : v;
+    }
+    return v;
+}
+
+// Sum over the block, returned to every thread. `red` is a shared array of HA_WARPS slots.
+// Fixed order (butterfly within warps, then warps 0..n in sequence): same inputs, same bits.
+template <class A>
+HA_DEVICE A block_sum(A v, A* red) {
+    v = warp_sum(v);
+    __syncthreads();  // earlier readers of `red` are done
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    A s = red[0];
+    for (int w = 1; w < HA_WARPS; ++w) s += red[w];
+    return s;
+}
+
+// Strided 2-D view of a float tensor of element type T.
+template <class T>
+struct View2 {
+    const T* p;
+    int64_t s0, s1;
+    HA_DEVICE float at(int64_t r, int64_t c) const { return to_float(p[r * s0 + c * s1]); }
+};
+
+// One extern "C" kernel per storage type, named `<name>_f32`, `<name>_bf16`, `<name>_f16`, each
+// calling the device template `name<T>`; the names are what src/cuda/ launches.
+#define HA_KERNEL_FOR(name, Params, T, suffix)                                        \
+    extern "C" __global__ void __launch_bounds__(HA_BLOCK) name##_##suffix(Params p) { \
+        name<T>(p);                                                                   \
+    }                                                                                 \
+    HA_EXPORT_KERNEL(name##_##suffix, Params)
+#define HA_KERNEL_FLOATS(name, Params)      \
+    HA_KERNEL_FOR(name, Params, float, f32) \
+    HA_KERNEL_FOR(name, Params, bf16, bf16) \
+    HA_KERNEL_FOR(name, Params, f16, f16)
+
+// Smallest value over the block, returned to every thread (`red` as for block_sum).
+HA_DEVICE int64_t block_min(int64_t v, int64_t* red) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const int64_t other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = other < v ? other : v;
+    }
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    int64_t m = red[0];
+    for (int w = 1; w < HA_WARPS; ++w) m = red[w] < m ? red[w] : m;
+    return m;
+}

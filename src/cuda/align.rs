@@ -1,0 +1,203 @@
+//! Launch code of `kernels/anchor_align.cu`.
+
+use super::{Executor, Family, Grid, Side, ptr, stride, suffix};
+use crate::error::Result;
+use crate::ops::align::{AlignConfig, LossType, Reduction};
+use crate::ops::anchors::{Anchors, RowSpace};
+use crate::ops::groups::Grouping;
+use crate::tensor::{DType, TensorRef};
+
+/// Float32 scratch rows of `work` (`[WORK_ROWS, B]`).
+pub const WORK_ROWS: usize = 8;
+
+/// `struct AlignParams` of `kernels/anchor_align.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AlignParams {
+    hidden: u64,
+    outer_stride: i64,
+    inner_stride: i64,
+    feature_stride: i64,
+    inner: i64,
+    num_rows: i64,
+    hidden_size: i64,
+    packed: i64,
+    anchors: u64,
+    anchor_code: i64,
+    anchor_is_mask: i64,
+    anchor_s0: i64,
+    anchor_s1: i64,
+    anchor_cols: i64,
+    cu_seqlens: Side,
+    rewards: Side,
+    threshold: f64,
+    labels: Side,
+    group_size: i64,
+    batch: i64,
+    loss_type: i64,
+    reduction: i64,
+    eps: f64,
+    tau: f64,
+    rows: u64,
+    groups: u64,
+    correct: u64,
+    group_loss: u64,
+    group_valid: u64,
+    scalars: u64,
+    work: u64,
+    links: u64,
+    upstream: Side,
+    centre: u64,
+    grad_rows: u64,
+}
+
+/// Buffers the forward fills and the backward reads, allocated by the caller: int64 `rows`
+/// and `groups`, bool `correct`, float32 `group_loss`, bool `group_valid` (all `[B]`),
+/// float32 `scalars` `[4]`, float32 `work` `[8, B]`, int32 `links` `[2 B + 1]`.
+pub struct AlignBuffers<'a, 'b> {
+    /// Flat anchor row per rollout.
+    pub rows: &'b TensorRef<'a>,
+    /// Dense group per rollout.
+    pub groups: &'b TensorRef<'a>,
+    /// Correctness per rollout.
+    pub correct: &'b TensorRef<'a>,
+    /// Per-group loss.
+    pub group_loss: &'b TensorRef<'a>,
+    /// Per-group validity.
+    pub group_valid: &'b TensorRef<'a>,
+    /// Loss, mean cosine, valid groups, anchored correct.
+    pub scalars: &'b TensorRef<'a>,
+    /// Scratch kept for the backward.
+    pub work: &'b TensorRef<'a>,
+    /// Group links and the block ticket.
+    pub links: &'b TensorRef<'a>,
+}
+
+fn loss_code(t: LossType) -> i64 {
+    match t {
+        LossType::Cosine => 0,
+        LossType::Centroid => 1,
+        LossType::Mse => 2,
+        LossType::Contrastive => 3,
+    }
+}
+
+fn reduction_code(r: Reduction) -> i64 {
+    match r {
+        Reduction::Mean => 0,
+        Reduction::Sum => 1,
+        Reduction::None => 2,
+    }
+}
+
+fn base_params(hidden: &TensorRef, space: &RowSpace, batch: usize, cfg: &AlignConfig, bufs: &AlignBuffers) -> AlignParams {
+    AlignParams {
+        hidden: ptr(hidden),
+        outer_stride: space.outer_stride as i64,
+        inner_stride: space.inner_stride as i64,
+        feature_stride: space.feature_stride as i64,
+        inner: space.inner.max(1) as i64,
+        num_rows: space.rows as i64,
+        hidden_size: space.hidden_size as i64,
+        packed: space.packed as i64,
+        anchors: 0,
+        anchor_code: 0,
+        anchor_is_mask: 0,
+        anchor_s0: 0,
+        anchor_s1: 0,
+        anchor_cols: 0,
+        cu_seqlens: Side::NONE,
+        rewards: Side::NONE,
+        threshold: 0.0,
+        labels: Side::NONE,
+        group_size: 0,
+        batch: batch as i64,
+        loss_type: loss_code(cfg.loss_type),
+        reduction: reduction_code(cfg.reduction),
+        eps: cfg.eps,
+        tau: cfg.tau,
+        rows: ptr(bufs.rows),
+        groups: ptr(bufs.groups),
+        correct: ptr(bufs.correct),
+        group_loss: ptr(bufs.group_loss),
+        group_valid: ptr(bufs.group_valid),
+        scalars: ptr(bufs.scalars),
+        work: ptr(bufs.work),
+        links: ptr(bufs.links),
+        upstream: Side::NONE,
+        centre: 0,
+        grad_rows: 0,
+    }
+}
+
+/// The anchor, reward and grouping inputs of the forward.
+pub struct AlignInputs<'a, 'b> {
+    /// Mask or indices.
+    pub anchors: &'b Anchors<'a>,
+    /// `[B]` rewards.
+    pub rewards: &'b TensorRef<'a>,
+    /// Correctness threshold.
+    pub threshold: f64,
+    /// Labels or contiguous blocks.
+    pub grouping: &'b Grouping<'a>,
+    /// `[B + 1]` offsets of packed hidden.
+    pub cu_seqlens: Option<&'b TensorRef<'a>>,
+}
+
+/// Forward in two launches (`align_prepare`, `align_groups`), both over B blocks. Shapes and
+/// dtypes were checked by the caller.
+pub fn forward(
+    exec: &Executor,
+    hidden: &TensorRef,
+    space: &RowSpace,
+    inputs: &AlignInputs,
+    cfg: &AlignConfig,
+    bufs: &AlignBuffers,
+) -> Result<()> {
+    let batch = inputs.rewards.shape()[0];
+    let mut p = base_params(hidden, space, batch, cfg, bufs);
+    let (anchors, is_mask) = match inputs.anchors {
+        Anchors::Mask(t) => (t, true),
+        Anchors::Index(t) => (t, false),
+    };
+    p.anchors = ptr(anchors);
+    p.anchor_code = if anchors.dtype() == DType::U8 { 0 } else { super::code_of(anchors.dtype()) };
+    p.anchor_is_mask = is_mask as i64;
+    p.anchor_s0 = stride(anchors, 0);
+    p.anchor_s1 = stride(anchors, 1);
+    p.anchor_cols = anchors.shape().get(1).copied().unwrap_or(0) as i64;
+    p.cu_seqlens = Side::of_opt(inputs.cu_seqlens);
+    p.rewards = Side::of(inputs.rewards);
+    p.threshold = inputs.threshold;
+    match inputs.grouping {
+        Grouping::Ids(t) => p.labels = Side::of(t),
+        Grouping::Size(g) => p.group_size = *g as i64,
+    }
+    let dtype = suffix(hidden.dtype());
+    let grid = Grid::blocks(batch)?;
+    exec.launch(Family::AnchorAlign, &format!("align_prepare_{dtype}"), grid, &p)?;
+    exec.launch(Family::AnchorAlign, &format!("align_groups_{dtype}"), grid, &p)
+}
+
+/// Backward in one launch over B blocks: fills `grad_rows` (float32 `[B, H]`), using
+/// `centre` (float32 `[B, H]`) as scratch; `upstream` holds one value (`mean`/`sum`) or one
+/// per group (`none`).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    exec: &Executor,
+    hidden: &TensorRef,
+    space: &RowSpace,
+    cfg: &AlignConfig,
+    bufs: &AlignBuffers,
+    upstream: &TensorRef,
+    centre: &TensorRef,
+    grad_rows: &TensorRef,
+) -> Result<()> {
+    let batch = bufs.rows.shape()[0];
+    let mut p = base_params(hidden, space, batch, cfg, bufs);
+    p.upstream = Side::of(upstream);
+    p.centre = ptr(centre);
+    p.grad_rows = ptr(grad_rows);
+    let kernel = format!("align_backward_{}", suffix(hidden.dtype()));
+    exec.launch(Family::AnchorAlign, &kernel, Grid::blocks(batch)?, &p)
+}

@@ -1,0 +1,243 @@
+//! The GPU side of the kernel backend: NVRTC compiles each op family's program for the
+//! device's architecture on first use (cached per process, per device), the driver loads it,
+//! and launches go on the raw stream PyTorch gave. cudarc loads libcuda and libnvrtc
+//! dynamically, so none of this is touched on machines without CUDA; the Python package
+//! preloads the NVRTC that came with PyTorch (see `python/hidden_align/_cuda.py`), which
+//! cudarc then finds by its soname.
+
+use std::collections::HashMap;
+use std::ffi::{CString, c_char, c_int, c_void};
+use std::sync::{LazyLock, Mutex, OnceLock};
+
+use cudarc::driver::{DriverError, result as dres, sys as dsys};
+use cudarc::nvrtc::{result as nres, sys as nsys};
+
+use super::{BLOCK, Family, Grid};
+use crate::error::{Error, Result};
+
+/// What was found on this machine (for `hidden_align.cuda_status()`).
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    /// libcuda could be loaded.
+    pub driver_found: bool,
+    /// libnvrtc could be loaded.
+    pub nvrtc_found: bool,
+    /// `cuDriverGetVersion`, e.g. 13000.
+    pub driver_version: Option<i32>,
+    /// NVRTC (major, minor).
+    pub nvrtc_version: Option<(i32, i32)>,
+    /// Number of CUDA devices.
+    pub devices: Option<i32>,
+    /// Why the backend cannot run, when it cannot.
+    pub reason: Option<String>,
+}
+
+fn describe(e: DriverError) -> String {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e
+        .error_string()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    format!("{name}: {text}")
+}
+
+fn driver_error(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+    move |e| Error::Kernel {
+        op: "CUDA driver",
+        message: format!("{what} failed: {}", describe(e)),
+    }
+}
+
+static INIT: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+
+/// Loads the libraries and initialises the driver, once per process.
+fn ensure_init() -> Result<()> {
+    let outcome = INIT.get_or_init(|| {
+        // SAFETY: the presence probes only try to load and unload the libraries.
+        let (driver, nvrtc) = unsafe { (dsys::is_culib_present(), nsys::is_culib_present()) };
+        if !driver {
+            return Err("the CUDA driver library (libcuda.so.1) was not found: no NVIDIA \
+                        driver is installed, or it is not on the loader path"
+                .into());
+        }
+        if !nvrtc {
+            return Err("NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found; it ships \
+                        with PyTorch's CUDA wheels (nvidia/cu13/lib or nvidia/cuda_nvrtc/lib) \
+                        and with `pip install nvidia-cuda-nvrtc`"
+                .into());
+        }
+        dres::init().map_err(|e| format!("cuInit failed: {}", describe(e)))
+    });
+    outcome.clone().map_err(|reason| Error::CudaUnavailable { reason })
+}
+
+/// The state of the CUDA libraries, without failing.
+pub fn status() -> Status {
+    let mut s = Status::default();
+    // SAFETY: as in ensure_init.
+    (s.driver_found, s.nvrtc_found) =
+        unsafe { (dsys::is_culib_present(), nsys::is_culib_present()) };
+    if s.nvrtc_found {
+        let (mut major, mut minor): (c_int, c_int) = (0, 0);
+        // SAFETY: two out-parameters; the library is present.
+        if unsafe { nsys::nvrtcVersion(&mut major, &mut minor) }
+            .result()
+            .is_ok()
+        {
+            s.nvrtc_version = Some((major, minor));
+        }
+    }
+    if s.driver_found {
+        let mut version: c_int = 0;
+        // SAFETY: one out-parameter; allowed before cuInit.
+        if unsafe { dsys::cuDriverGetVersion(&mut version) }
+            .result()
+            .is_ok()
+        {
+            s.driver_version = Some(version);
+        }
+    }
+    match ensure_init() {
+        Ok(()) => {
+            let mut count: c_int = 0;
+            // SAFETY: one out-parameter after a successful cuInit.
+            match unsafe { dsys::cuDeviceGetCount(&mut count) }.result() {
+                Ok(()) => s.devices = Some(count),
+                Err(e) => s.reason = Some(format!("cuDeviceGetCount failed: {}", describe(e))),
+            }
+        }
+        Err(Error::CudaUnavailable { reason }) => s.reason = Some(reason),
+        Err(e) => s.reason = Some(e.to_string()),
+    }
+    s
+}
+
+/// Handles are raw pointers; they cross threads as integers behind the cache's lock.
+#[derive(Default)]
+struct Cache {
+    /// Primary context per device.
+    contexts: HashMap<i32, usize>,
+    /// Loaded module per (device, family).
+    modules: HashMap<(i32, Family), usize>,
+    /// Kernel handle per (device, name).
+    functions: HashMap<(i32, String), usize>,
+}
+
+static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
+
+fn context(cache: &mut Cache, ordinal: i32) -> Result<dsys::CUcontext> {
+    if let Some(&ctx) = cache.contexts.get(&ordinal) {
+        return Ok(ctx as dsys::CUcontext);
+    }
+    let dev = dres::device::get(ordinal).map_err(driver_error("cuDeviceGet"))?;
+    // SAFETY: a valid device; the primary context is the one PyTorch uses, retained for the
+    // life of the process.
+    let ctx = unsafe { dres::primary_ctx::retain(dev) }.map_err(driver_error("cuDevicePrimaryCtxRetain"))?;
+    cache.contexts.insert(ordinal, ctx as usize);
+    Ok(ctx)
+}
+
+/// Compiles `family` for device `ordinal` to a CUBIN.
+fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
+    let dev = dres::device::get(ordinal).map_err(driver_error("cuDeviceGet"))?;
+    let attr = |a| {
+        // SAFETY: a valid device and attribute.
+        unsafe { dres::device::get_attribute(dev, a) }.map_err(driver_error("cuDeviceGetAttribute"))
+    };
+    let major = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+    let minor = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+    let arch = format!("--gpu-architecture=sm_{major}{minor}");
+    let failed = |what: &str, detail: String| Error::Kernel {
+        op: "NVRTC",
+        message: format!("{what} of kernels/{} for sm_{major}{minor} failed: {detail}", family.file()),
+    };
+    let source = CString::new(family.program()).expect("kernel sources have no NUL");
+    let name = CString::new(family.file()).expect("file names have no NUL");
+    let prog = nres::create_program(&source, Some(&name))
+        .map_err(|e| failed("nvrtcCreateProgram", format!("{e:?}")))?;
+    // SAFETY: a live program and plain option strings.
+    let compiled = unsafe { nres::compile_program(prog, &[arch.as_str()]) };
+    let result = match compiled {
+        Err(e) => {
+            // SAFETY: the program is live.
+            let log = unsafe { nres::get_program_log(prog) }
+                .map(|l| {
+                    let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .unwrap_or_default();
+            Err(failed("compilation", format!("{e:?}\n{log}")))
+        }
+        Ok(()) => {
+            let mut size = 0usize;
+            // SAFETY: the program compiled; one out-parameter, then a buffer of that size.
+            unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) }
+                .result()
+                .map_err(|e| failed("nvrtcGetCUBINSize", format!("{e:?}")))?;
+            let mut cubin = vec![0u8; size];
+            unsafe { nsys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
+                .result()
+                .map_err(|e| failed("nvrtcGetCUBIN", format!("{e:?}")))?;
+            Ok(cubin)
+        }
+    };
+    // SAFETY: the program is live and not used afterwards.
+    let _ = unsafe { nres::destroy_program(prog) };
+    result
+}
+
+fn function(cache: &mut Cache, ordinal: i32, family: Family, kernel: &str) -> Result<dsys::CUfunction> {
+    if let Some(&f) = cache.functions.get(&(ordinal, kernel.to_owned())) {
+        return Ok(f as dsys::CUfunction);
+    }
+    let module = match cache.modules.get(&(ordinal, family)) {
+        Some(&m) => m as dsys::CUmodule,
+        None => {
+            let cubin = compile(ordinal, family)?;
+            // SAFETY: a complete CUBIN image for this device, with its context current.
+            let m = unsafe { dres::module::load_data(cubin.as_ptr() as *const c_void) }
+                .map_err(driver_error("cuModuleLoadData"))?;
+            cache.modules.insert((ordinal, family), m as usize);
+            m
+        }
+    };
+    let name = CString::new(kernel).expect("kernel names have no NUL");
+    // SAFETY: a loaded module and a NUL-terminated name.
+    let f = unsafe { dres::module::get_function(module, name) }.map_err(driver_error("cuModuleGetFunction"))?;
+    cache.functions.insert((ordinal, kernel.to_owned()), f as usize);
+    Ok(f)
+}
+
+/// Launches `kernel` with its parameter block on `stream` of device `ordinal`; returns as
+/// soon as the launch is queued (no synchronisation).
+pub fn launch(
+    ordinal: i32,
+    stream: usize,
+    family: Family,
+    kernel: &str,
+    grid: Grid,
+    params: *const c_void,
+) -> Result<()> {
+    ensure_init()?;
+    let f = {
+        let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let ctx = context(&mut cache, ordinal)?;
+        if dres::ctx::get_current().map_err(driver_error("cuCtxGetCurrent"))? != Some(ctx) {
+            // SAFETY: the retained primary context of the tensors' device.
+            unsafe { dres::ctx::set_current(ctx) }.map_err(driver_error("cuCtxSetCurrent"))?;
+        }
+        function(&mut cache, ordinal, family, kernel)?
+    };
+    let mut args = [params as *mut c_void];
+    let [x, y, z] = grid.blocks;
+    // SAFETY: `f` takes exactly one parameter, the struct `params` points to (its #[repr(C)]
+    // mirror); the driver copies it at launch. The stream belongs to PyTorch and outlives the
+    // queued work; every pointer inside `params` addresses memory of tensors on this device.
+    unsafe {
+        dres::launch_kernel(f, (x, y, z), (BLOCK, 1, 1), 0, stream as dsys::CUstream, &mut args)
+    }
+    .map_err(driver_error(kernel))
+}

@@ -1,0 +1,48 @@
+//! Python entry points of backend selection and CUDA diagnostics.
+
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::to_pyerr;
+use crate::cuda::{self, Choice, Family};
+
+/// Sets the process-wide backend: "auto", "cpu", "cuda" or "cuda-emulated".
+#[pyfunction]
+pub fn set_backend(py: Python<'_>, name: &str) -> PyResult<()> {
+    Choice::set(name).map_err(|e| to_pyerr(py, e))
+}
+
+/// The process-wide backend's name.
+#[pyfunction]
+pub fn get_backend() -> &'static str {
+    Choice::current_name()
+}
+
+/// What the CUDA backend found: libraries, versions, devices, or why it cannot run.
+#[pyfunction]
+pub fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let s = py.detach(|| std::panic::catch_unwind(cuda::driver::status));
+    let s = s.unwrap_or_else(|_| cuda::driver::Status {
+        reason: Some("probing the CUDA libraries panicked".into()),
+        ..Default::default()
+    });
+    let d = PyDict::new(py);
+    d.set_item("driver_found", s.driver_found)?;
+    d.set_item("nvrtc_found", s.nvrtc_found)?;
+    d.set_item("driver_version", s.driver_version)?;
+    d.set_item("nvrtc_version", s.nvrtc_version)?;
+    d.set_item("devices", s.devices)?;
+    d.set_item("available", s.reason.is_none() && s.devices.unwrap_or(0) > 0)?;
+    d.set_item(
+        "reason",
+        s.reason.or_else(|| (s.devices == Some(0)).then(|| "no CUDA device".to_string())),
+    )?;
+    d.set_item("emulation_built", cuda::emulation_built())?;
+    Ok(d)
+}
+
+/// `(file, program)` for every kernel family: the exact text NVRTC compiles.
+#[pyfunction]
+pub fn kernel_programs() -> Vec<(&'static str, String)> {
+    Family::ALL.iter().map(|f| (f.file(), f.program())).collect()
+}
