@@ -258,7 +258,23 @@ impl AggConfig {
         global_batch_size: Option<f64>,
         loss_scale_factor: Option<f64>,
     ) -> Result<Self> {
-        let mode: AggMode = mode.parse()?;
+        Self::new_mode(
+            mode.parse()?,
+            batch_num_tokens,
+            dp_size,
+            global_batch_size,
+            loss_scale_factor,
+        )
+    }
+
+    /// [`AggConfig::new`] with the mode already parsed.
+    pub fn new_mode(
+        mode: AggMode,
+        batch_num_tokens: Option<f64>,
+        dp_size: i64,
+        global_batch_size: Option<f64>,
+        loss_scale_factor: Option<f64>,
+    ) -> Result<Self> {
         if dp_size < 1 {
             return Err(Error::value("dp_size", "an integer >= 1", dp_size));
         }
@@ -446,6 +462,18 @@ pub fn policy_loss_forward(
     if let Some(f) = &factor {
         expect_out(f, &[b, t], dtype)?;
     }
+    // Normalisers given as tensors: read on the host here, then checked as numbers.
+    let norms = kernel.norms;
+    let read = |t: &Option<TensorRef>, v: Option<f64>| -> Result<Option<f64>> {
+        t.as_ref().map_or(Ok(v), |t| t.item_f64(t.name()).map(Some))
+    };
+    let agg = &AggConfig::new_mode(
+        agg.mode,
+        read(&norms.batch_num_tokens, agg.batch_num_tokens)?,
+        agg.dp_size as i64,
+        read(&norms.global_batch_size, agg.global_batch_size)?,
+        read(&norms.loss_scale_factor, agg.loss_scale_factor)?,
+    )?;
     crate::dispatch_float!(dtype, T => {
         crate::dispatch_any!(inputs.response_mask.dtype(), M => {
             // SAFETY: row_scale and factor are fresh outputs owned by this call.

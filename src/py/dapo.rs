@@ -148,21 +148,17 @@ type NormaliserArgs<'py> = (
     Option<Bound<'py, PyAny>>,
 );
 
-/// A normaliser given as a number, or as a one-element tensor: a CPU tensor is read here; a
-/// CUDA tensor stays on the device for the kernel to read, and a placeholder marks the value
-/// as given (for the dp_size > 1 checks).
+/// A normaliser given as a number, or as a one-element tensor, which replaces the number:
+/// the kernels read it where it lives (no host read of device memory), the CPU backend on the
+/// host. A placeholder number marks it as given for the dp_size > 1 checks.
 fn normaliser(
     value: Option<f64>,
     tensor: &Option<Borrowed>,
 ) -> Result<(Option<f64>, Option<crate::tensor::TensorRef<'_>>)> {
-    let Some(t) = tensor else {
-        return Ok((value, None));
-    };
-    let view = t.view()?;
-    if view.device() == crate::tensor::Device::Cpu {
-        return Ok((Some(view.item_f64(view.name())?), None));
+    match tensor {
+        Some(t) => Ok((Some(1.0), Some(t.view()?))),
+        None => Ok((value, None)),
     }
-    Ok((Some(1.0), Some(view)))
 }
 
 /// Forward of the clipped policy loss. Fills `out_scalars` (`[4]`: loss, pg_clipfrac, ppo_kl,
