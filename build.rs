@@ -18,7 +18,7 @@ fn main() {
         .warnings_into_errors(true);
     if std::env::var_os("CARGO_FEATURE_TSAN").is_some() {
         build.flag("-fsanitize=thread").flag("-g").opt_level(1);
-        println!("cargo:rustc-link-arg=-fsanitize=thread");
+        println!("cargo:rustc-link-lib=dylib=tsan");
     }
     build.compile("hidden_align_emulation");
 }

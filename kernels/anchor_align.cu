@@ -116,7 +116,7 @@ HA_DEVICE int64_t find_anchor(const AlignParams& p, int64_t b, int64_t* ired) {
 // clamp flag. Block 0 also resets the ticket of align_groups.
 // Grid: (B); block: HA_BLOCK threads strided over T (mask scan), B (group scan) and H (norms).
 template <class T>
-__device__ void align_prepare(const AlignParams& p) {
+HA_DEVICE void align_prepare(const AlignParams& p) {
     __shared__ int64_t ired[HA_WARPS];
     __shared__ float fred[HA_WARPS];
     const int64_t b = blockIdx.x, nb = p.batch;
@@ -341,7 +341,7 @@ HA_DEVICE void finish_forward(const AlignParams& p, int64_t* ired, float* fred) 
 // groups in dense order (deterministic, no float atomics). align_prepare reset the ticket.
 // Grid: (B); block: HA_BLOCK threads strided over H (one warp per anchor for contrastive).
 template <class T>
-__device__ void align_groups(const AlignParams& p) {
+HA_DEVICE void align_groups(const AlignParams& p) {
     __shared__ int64_t ired[HA_WARPS];
     __shared__ float fred[HA_WARPS];
     __shared__ int last;
@@ -472,7 +472,7 @@ HA_DEVICE void group_backward(const AlignParams& p, int64_t b, float* fred) {
 // gradient, and computes the whole group when b leads a valid group.
 // Grid: (B); block: HA_BLOCK threads strided over H.
 template <class T>
-__device__ void align_backward(const AlignParams& p) {
+HA_DEVICE void align_backward(const AlignParams& p) {
     __shared__ float fred[HA_WARPS];
     const int64_t b = blockIdx.x, hs = p.hidden_size;
     const bool valid = p.group_valid[p.groups[b]] != 0;

@@ -158,10 +158,11 @@ struct View2 {
     HA_DEVICE float at(int64_t r, int64_t c) const { return to_float(p[r * s0 + c * s1]); }
 };
 
+// Kernels carry no __launch_bounds__: with one, ptxas caps registers for occupancy and spills.
 // One extern "C" kernel per storage type, named `<name>_f32`, `<name>_bf16`, `<name>_f16`, each
 // calling the device template `name<T>`; the names are what src/cuda/ launches.
 #define HA_KERNEL_FOR(name, Params, T, suffix)                                        \
-    extern "C" __global__ void __launch_bounds__(HA_BLOCK) name##_##suffix(Params p) { \
+    extern "C" __global__ void name##_##suffix(Params p) { \
         name<T>(p);                                                                   \
     }                                                                                 \
     HA_EXPORT_KERNEL(name##_##suffix, Params)

@@ -36,7 +36,7 @@ struct RowSumParams {
 
 // totals[b] = sum_t scores[b, t] in double.
 // Grid: (B); block: HA_BLOCK threads over t (strided), one block_sum.
-__device__ void row_sums(const RowSumParams& p) {
+HA_DEVICE void row_sums(const RowSumParams& p) {
     __shared__ double red[HA_WARPS];
     const int64_t b = blockIdx.x;
     double s = 0.0;
@@ -46,7 +46,7 @@ __device__ void row_sums(const RowSumParams& p) {
     s = block_sum(s, red);
     if (threadIdx.x == 0) p.totals[b] = s;
 }
-extern "C" __global__ void __launch_bounds__(HA_BLOCK) dapo_row_sums(RowSumParams p) {
+extern "C" __global__ void dapo_row_sums(RowSumParams p) {
     row_sums(p);
 }
 HA_EXPORT_KERNEL(dapo_row_sums, RowSumParams)
@@ -64,7 +64,7 @@ struct AdvantageParams {
 // double over members in ascending order, rounded to float as verl's float32 math; a singleton
 // group has mean 0 and std 1.
 // Grid: ceil(B / HA_BLOCK); one thread per rollout, scanning its group. Threads past B return.
-__device__ void group_advantages(const AdvantageParams& p) {
+HA_DEVICE void group_advantages(const AdvantageParams& p) {
     const int64_t b = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
     if (b >= p.batch) return;
     int64_t lo, hi;
@@ -90,7 +90,7 @@ __device__ void group_advantages(const AdvantageParams& p) {
     const float centred = static_cast<float>(p.totals[b]) - mean;
     p.out[b] = p.norm_by_std ? centred / (std + static_cast<float>(p.eps)) : centred;
 }
-extern "C" __global__ void __launch_bounds__(HA_BLOCK) dapo_group_advantages(AdvantageParams p) {
+extern "C" __global__ void dapo_group_advantages(AdvantageParams p) {
     group_advantages(p);
 }
 HA_EXPORT_KERNEL(dapo_group_advantages, AdvantageParams)
@@ -104,7 +104,7 @@ struct SamplingParams {
 
 // keep_b = |g| == 1 or (no NaN in g and some metric of g differs from the first member's).
 // Grid: ceil(B / HA_BLOCK); one thread per rollout. Threads past B return.
-__device__ void dynamic_sampling(const SamplingParams& p) {
+HA_DEVICE void dynamic_sampling(const SamplingParams& p) {
     const int64_t b = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
     if (b >= p.batch) return;
     int64_t lo, hi;
@@ -122,7 +122,7 @@ __device__ void dynamic_sampling(const SamplingParams& p) {
     }
     p.out[b] = (n == 1 || (!nan && differs)) ? 1 : 0;
 }
-extern "C" __global__ void __launch_bounds__(HA_BLOCK) dapo_dynamic_sampling(SamplingParams p) {
+extern "C" __global__ void dapo_dynamic_sampling(SamplingParams p) {
     dynamic_sampling(p);
 }
 HA_EXPORT_KERNEL(dapo_dynamic_sampling, SamplingParams)
@@ -138,14 +138,14 @@ struct OverlongParams {
 
 // out_b = min(-(L_b - expected) / buffer * factor, 0), in double, rounded once.
 // Grid: ceil(B / HA_BLOCK); one thread per rollout. Threads past B return.
-__device__ void overlong_penalty(const OverlongParams& p) {
+HA_DEVICE void overlong_penalty(const OverlongParams& p) {
     const int64_t b = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
     if (b >= p.batch) return;
     const double l = load_as_double(p.lengths.p, p.lengths.code, b * p.lengths.stride);
     const double v = -(l - p.expected) / p.buffer_length * p.penalty_factor;
     p.out[b] = static_cast<float>(v < 0.0 ? v : 0.0);  // NaN gives 0, as min(v, 0) on the CPU
 }
-extern "C" __global__ void __launch_bounds__(HA_BLOCK) dapo_overlong_penalty(OverlongParams p) {
+extern "C" __global__ void dapo_overlong_penalty(OverlongParams p) {
     overlong_penalty(p);
 }
 HA_EXPORT_KERNEL(dapo_overlong_penalty, OverlongParams)
@@ -238,7 +238,7 @@ HA_DEVICE float load_token(const PolicyParams& p, int64_t r, int64_t c, float* l
 // Grid: (ceil(T / chunk), B); block (x, r) covers columns [x chunk, (x + 1) chunk) of row r,
 // HA_BLOCK threads strided over them; partials[(r chunks + x) 5 + q].
 template <class T>
-__device__ void policy_forward(const PolicyParams& p) {
+HA_DEVICE void policy_forward(const PolicyParams& p) {
     __shared__ double red[HA_WARPS];
     const int64_t r = blockIdx.y, x = blockIdx.x;
     const int64_t c0 = x * p.chunk;
@@ -293,7 +293,7 @@ HA_DEVICE double normaliser(double value, const Side& tensor) {
 // verl's agg_loss over the row sums: the loss, the three metrics (sum / (mask sum + 1e-8)) and
 // the per-row scale the backward multiplies by. An empty denominator gives 0.
 // Grid: (1); block: HA_BLOCK threads strided over rows; fixed-order block sums.
-__device__ void policy_reduce(const PolicyReduceParams& p) {
+HA_DEVICE void policy_reduce(const PolicyReduceParams& p) {
     __shared__ double red[HA_WARPS];
     double tot[POLICY_SUMS] = {0.0, 0.0, 0.0, 0.0, 0.0};
     double live = 0.0;
@@ -335,7 +335,7 @@ __device__ void policy_reduce(const PolicyReduceParams& p) {
         out[3] = static_cast<float>(tot[4] / den);
     }
 }
-extern "C" __global__ void __launch_bounds__(HA_BLOCK) dapo_policy_reduce(PolicyReduceParams p) {
+extern "C" __global__ void dapo_policy_reduce(PolicyReduceParams p) {
     policy_reduce(p);
 }
 HA_EXPORT_KERNEL(dapo_policy_reduce, PolicyReduceParams)
@@ -345,7 +345,7 @@ HA_EXPORT_KERNEL(dapo_policy_reduce, PolicyReduceParams)
 // upstream gradient read from device memory.
 // Grid: (ceil(T / chunk), B) as the forward; threads strided over the block's columns.
 template <class T>
-__device__ void policy_backward(const PolicyParams& p) {
+HA_DEVICE void policy_backward(const PolicyParams& p) {
     const int64_t r = blockIdx.y;
     const int64_t c0 = static_cast<int64_t>(blockIdx.x) * p.chunk;
     const int64_t c1 = c0 + p.chunk < p.cols ? c0 + p.chunk : p.cols;

@@ -21,7 +21,7 @@ struct ScatterRowsParams {
 // does the work only when j is the first occurrence of that row, so no two blocks touch the
 // same element. Threads past H return early.
 template <class T>
-__device__ void scatter_add_rows(const ScatterRowsParams& p) {
+HA_DEVICE void scatter_add_rows(const ScatterRowsParams& p) {
     const int64_t j = blockIdx.y;
     const int64_t r = p.rows[j];
     if (r < 0 || r >= p.num_rows) return;

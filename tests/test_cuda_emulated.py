@@ -93,7 +93,10 @@ def assert_align_close(ours, ref, tol):
     for k in ("valid_groups", "anchored_correct"):
         assert int(stats[k]) == int(rstats[k]), k
     torch.testing.assert_close(
-        stats["mean_cosine"].double(), rstats["mean_cosine"].double(), atol=tol, rtol=tol,
+        stats["mean_cosine"].double(),
+        rstats["mean_cosine"].double(),
+        atol=tol,
+        rtol=tol,
         equal_nan=True,
     )
     torch.testing.assert_close(grad.double(), rgrad, atol=tol, rtol=tol)
@@ -103,14 +106,20 @@ LAYOUTS = [("padded", "index"), ("padded", "mask"), ("packed", "index"), ("packe
 
 
 @pytest.mark.parametrize(
-    "loss_type,reduction", list(itertools.product(["cosine", "centroid", "mse", "contrastive"],
-                                                  ["mean", "sum", "none"]))
+    "loss_type,reduction",
+    list(itertools.product(["cosine", "centroid", "mse", "contrastive"], ["mean", "sum", "none"])),
 )
 @pytest.mark.parametrize("layout,anchor_form", LAYOUTS)
 def test_alignment_matches_reference(emulated, loss_type, reduction, layout, anchor_form):
     case = make_case(
-        batch=10, seq=6, hidden_size=37, group=5, layout=layout, anchor_form=anchor_form,
-        grouping="ids", dtype=torch.float32,
+        batch=10,
+        seq=6,
+        hidden_size=37,
+        group=5,
+        layout=layout,
+        anchor_form=anchor_form,
+        grouping="ids",
+        dtype=torch.float32,
     )
     ours = run_align(case, case.hidden, loss_type, reduction)
     ref = reference_align(case, case.hidden, loss_type, reduction)
@@ -121,8 +130,9 @@ def test_alignment_matches_reference(emulated, loss_type, reduction, layout, anc
 @pytest.mark.parametrize("loss_type", ["cosine", "centroid", "mse", "contrastive"])
 def test_alignment_dtypes_and_odd_offsets(emulated, dtype, loss_type):
     # H = 300: more features than threads, not a multiple of the warp or block size.
-    case = make_case(batch=8, seq=5, hidden_size=300, group=4, grouping="size", dtype=dtype,
-                     correct_prob=0.7)
+    case = make_case(
+        batch=8, seq=5, hidden_size=300, group=4, grouping="size", dtype=dtype, correct_prob=0.7
+    )
     hidden = with_odd_offset(case.hidden)
     ours = run_align(case, hidden.detach().requires_grad_(), loss_type, "mean")
     ref = reference_align(case, case.hidden, loss_type, "mean")
@@ -131,8 +141,7 @@ def test_alignment_dtypes_and_odd_offsets(emulated, dtype, loss_type):
 
 
 def test_alignment_matches_cpu_backend_and_is_deterministic(emulated):
-    case = make_case(batch=12, seq=4, hidden_size=70, group=4, grouping="ids",
-                     dtype=torch.float32)
+    case = make_case(batch=12, seq=4, hidden_size=70, group=4, grouping="ids", dtype=torch.float32)
     first = run_align(case, case.hidden, "contrastive", "none")
     again = run_align(case, case.hidden, "contrastive", "none")
     assert torch.equal(first[0][0], again[0][0]) and torch.equal(first[2], again[2])
@@ -144,8 +153,16 @@ def test_alignment_matches_cpu_backend_and_is_deterministic(emulated):
 def test_alignment_group_edge_cases(emulated):
     # groups with 0, 1, 2 and all correct; one rollout without anchor; a norm under eps.
     correct = [1, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1]
-    case = make_case(batch=16, seq=3, hidden_size=9, group=4, grouping="ids",
-                     dtype=torch.float32, correct=correct, anchor_prob=1.0)
+    case = make_case(
+        batch=16,
+        seq=3,
+        hidden_size=9,
+        group=4,
+        grouping="ids",
+        dtype=torch.float32,
+        correct=correct,
+        anchor_prob=1.0,
+    )
     hidden = case.hidden.clone()
     hidden[int(case.index[12]) // 3, int(case.index[12]) % 3] = 1e-12
     for loss_type in ("cosine", "centroid", "mse", "contrastive"):
@@ -167,8 +184,7 @@ def test_invalid_anchor_gives_nan_not_a_memory_error(emulated):
 
 def test_no_anchors_and_no_valid_group(emulated):
     h = torch.randn(4, 5, 8, requires_grad=True)
-    loss, stats = ha.loss(h, torch.full((4,), -1), torch.ones(4), group_size=2,
-                          return_stats=True)
+    loss, stats = ha.loss(h, torch.full((4,), -1), torch.ones(4), group_size=2, return_stats=True)
     assert loss.item() == 0.0 and torch.isnan(stats["mean_cosine"])
     loss.backward()
     assert torch.count_nonzero(h.grad) == 0
@@ -200,8 +216,12 @@ def run_policy(logp, old, adv, mask, **kw):
 
 
 def reference_policy(logp, old, adv, mask, **kw):
-    names = {"loss_agg_mode": "agg", "rollout_is_weights": "weights",
-             "log_ratio_clamp": "clamp", "clip_ratio_c": "clip_c"}
+    names = {
+        "loss_agg_mode": "agg",
+        "rollout_is_weights": "weights",
+        "log_ratio_clamp": "clamp",
+        "clip_ratio_c": "clip_c",
+    }
     kw = {names.get(k, k): v for k, v in kw.items()}
     x = logp.detach().double().requires_grad_()
     loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
@@ -223,8 +243,9 @@ def assert_policy_close(ours, ref, tol):
 def test_policy_loss_matches_reference(emulated, mode, norm, per_rollout_adv):
     logp, old, adv, mask = policy_case(batch=5, seq=40, per_rollout_adv=per_rollout_adv)
     kw = dict(loss_agg_mode=mode, **NORMALISERS[norm])
-    assert_policy_close(run_policy(logp, old, adv, mask, **kw),
-                        reference_policy(logp, old, adv, mask, **kw), 1e-5)
+    assert_policy_close(
+        run_policy(logp, old, adv, mask, **kw), reference_policy(logp, old, adv, mask, **kw), 1e-5
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -244,8 +265,13 @@ def test_policy_loss_dtypes_weights_garbage_and_chunks(emulated, dtype):
 def test_policy_loss_matches_cpu_backend_with_tensor_normalisers(emulated):
     logp, old, adv, mask = policy_case(batch=6, seq=300, masked_rows=())
     mask = mask & (torch.rand(mask.shape) > 0.3)
-    kw = dict(loss_agg_mode="token-mean", dp_size=2, batch_num_tokens=torch.tensor(500.0),
-              clip_ratio_c=3.0, log_ratio_clamp=None)
+    kw = dict(
+        loss_agg_mode="token-mean",
+        dp_size=2,
+        batch_num_tokens=torch.tensor(500.0),
+        clip_ratio_c=3.0,
+        log_ratio_clamp=None,
+    )
     ours = run_policy(logp, old, adv, mask.to(torch.float32), **kw)
     cpu = on_backend("cpu", run_policy, logp, old, adv, mask.to(torch.float32), **kw)
     cpu64 = (cpu[0].double(), {k: v.double() for k, v in cpu[1].items()}, cpu[2].double())
@@ -296,11 +322,13 @@ def test_dynamic_sampling_and_overlong(emulated):
     expected[4:6] = False  # a NaN metric drops its group
     assert torch.equal(ours, expected)
     ints = torch.tensor([3, 3, 1, 0], dtype=torch.int32)
-    assert torch.equal(dapo.dynamic_sampling_mask(ints, group_size=2),
-                       torch.tensor([False, False, True, True]))
+    assert torch.equal(
+        dapo.dynamic_sampling_mask(ints, group_size=2), torch.tensor([False, False, True, True])
+    )
     lengths = torch.tensor([10, 18, 20, 33, 17])
-    torch.testing.assert_close(dapo.overlong_penalty(lengths, 20, 4).double(),
-                               overlong(lengths, 20, 4))
+    torch.testing.assert_close(
+        dapo.overlong_penalty(lengths, 20, 4).double(), overlong(lengths, 20, 4)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,8 +337,12 @@ def test_dynamic_sampling_and_overlong(emulated):
 
 def test_float64_is_cpu_only_on_the_kernel_backend(emulated):
     with pytest.raises(ha.DtypeError, match="float64 runs on the CPU backend only"):
-        ha.loss(torch.randn(2, 3, 4, dtype=torch.float64), torch.tensor([0, 1]),
-                torch.ones(2), group_size=2)
+        ha.loss(
+            torch.randn(2, 3, 4, dtype=torch.float64),
+            torch.tensor([0, 1]),
+            torch.ones(2),
+            group_size=2,
+        )
 
 
 def test_backend_names_and_device_mismatch():

@@ -6,7 +6,6 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _native
-from ._backend import stream_of
 from ._args import (
     accumulator,
     as_float,
@@ -16,6 +15,7 @@ from ._args import (
     require_tensor,
     same_device,
 )
+from ._backend import stream_of
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
 
 __all__ = ["loss"]

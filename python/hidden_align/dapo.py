@@ -13,7 +13,6 @@ from collections.abc import Iterable
 import torch
 
 from . import _native
-from ._backend import stream_of
 from ._args import (
     accumulator,
     as_float,
@@ -23,6 +22,7 @@ from ._args import (
     require_tensor,
     same_device,
 )
+from ._backend import stream_of
 from .errors import ArgumentError
 
 __all__ = [

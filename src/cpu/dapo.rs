@@ -235,7 +235,11 @@ impl<A: Acc> Block<A> {
             self.adv[i] = pick(on, self.adv[i], zero);
             // Without weights w is never reloaded: set it from the mask, or a position masked
             // in an earlier block of the row would stay zeroed.
-            let w = if v.weights.is_some() { self.w[i] } else { A::one() };
+            let w = if v.weights.is_some() {
+                self.w[i]
+            } else {
+                A::one()
+            };
             self.w[i] = pick(on, w, zero);
         }
     }

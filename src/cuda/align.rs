@@ -90,7 +90,13 @@ fn reduction_code(r: Reduction) -> i64 {
     }
 }
 
-fn base_params(hidden: &TensorRef, space: &RowSpace, batch: usize, cfg: &AlignConfig, bufs: &AlignBuffers) -> AlignParams {
+fn base_params(
+    hidden: &TensorRef,
+    space: &RowSpace,
+    batch: usize,
+    cfg: &AlignConfig,
+    bufs: &AlignBuffers,
+) -> AlignParams {
     AlignParams {
         hidden: ptr(hidden),
         outer_stride: space.outer_stride as i64,
@@ -161,7 +167,11 @@ pub fn forward(
         Anchors::Index(t) => (t, false),
     };
     p.anchors = ptr(anchors);
-    p.anchor_code = if anchors.dtype() == DType::U8 { 0 } else { super::code_of(anchors.dtype()) };
+    p.anchor_code = if anchors.dtype() == DType::U8 {
+        0
+    } else {
+        super::code_of(anchors.dtype())
+    };
     p.anchor_is_mask = is_mask as i64;
     p.anchor_s0 = stride(anchors, 0);
     p.anchor_s1 = stride(anchors, 1);
@@ -175,8 +185,18 @@ pub fn forward(
     }
     let dtype = suffix(hidden.dtype());
     let grid = Grid::blocks(batch)?;
-    exec.launch(Family::AnchorAlign, &format!("align_prepare_{dtype}"), grid, &p)?;
-    exec.launch(Family::AnchorAlign, &format!("align_groups_{dtype}"), grid, &p)
+    exec.launch(
+        Family::AnchorAlign,
+        &format!("align_prepare_{dtype}"),
+        grid,
+        &p,
+    )?;
+    exec.launch(
+        Family::AnchorAlign,
+        &format!("align_groups_{dtype}"),
+        grid,
+        &p,
+    )
 }
 
 /// Backward in one launch over B blocks: fills `grad_rows` (float32 `[B, H]`), using

@@ -1,6 +1,6 @@
 //! Launch code of `kernels/dapo.cu`.
 
-use super::{BLOCK, Executor, Family, Grid, Side, ptr, stride, suffix};
+use super::{Executor, Family, Grid, Side, ptr, stride, suffix};
 use crate::error::Result;
 use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyInputs};
 use crate::ops::groups::Grouping;
@@ -86,7 +86,12 @@ pub fn group_advantages(
         norm_by_std: norm_by_std as i64,
         out: ptr(out),
     };
-    exec.launch(Family::Dapo, "dapo_group_advantages", Grid::threads(batch)?, &adv)
+    exec.launch(
+        Family::Dapo,
+        "dapo_group_advantages",
+        Grid::threads(batch)?,
+        &adv,
+    )
 }
 
 #[repr(C)]
@@ -112,7 +117,12 @@ pub fn dynamic_sampling_mask(
         batch: batch as i64,
         out: ptr(out),
     };
-    exec.launch(Family::Dapo, "dapo_dynamic_sampling", Grid::threads(batch)?, &params)
+    exec.launch(
+        Family::Dapo,
+        "dapo_dynamic_sampling",
+        Grid::threads(batch)?,
+        &params,
+    )
 }
 
 #[repr(C)]
@@ -144,7 +154,12 @@ pub fn overlong_penalty(
         penalty_factor,
         out: ptr(out),
     };
-    exec.launch(Family::Dapo, "dapo_overlong_penalty", Grid::threads(batch)?, &params)
+    exec.launch(
+        Family::Dapo,
+        "dapo_overlong_penalty",
+        Grid::threads(batch)?,
+        &params,
+    )
 }
 
 /// `struct PolicyParams` of `kernels/dapo.cu`.
@@ -276,7 +291,12 @@ pub fn policy_forward(
     let mut p = PolicyParams::of(inputs, shape, clip);
     p.factor = out.factor.map_or(0, ptr);
     p.partials = ptr(out.partials);
-    exec.launch(Family::Dapo, &format!("policy_forward_{}", suffix(dtype)), p.grid()?, &p)?;
+    exec.launch(
+        Family::Dapo,
+        &format!("policy_forward_{}", suffix(dtype)),
+        p.grid()?,
+        &p,
+    )?;
     let mode = match agg.mode {
         AggMode::TokenMean => 0,
         AggMode::TokenSum => 1,
@@ -300,8 +320,12 @@ pub fn policy_forward(
         scalars: ptr(out.scalars),
         row_scale: ptr(out.row_scale),
     };
-    let _ = BLOCK;
-    exec.launch(Family::Dapo, "dapo_policy_reduce", Grid::blocks(1)?, &reduce)
+    exec.launch(
+        Family::Dapo,
+        "dapo_policy_reduce",
+        Grid::blocks(1)?,
+        &reduce,
+    )
 }
 
 /// Policy backward in one launch: `grad` is scaled in place when it holds the saved factor,
@@ -324,5 +348,10 @@ pub fn policy_backward(
     p.row_scale = ptr(row_scale);
     p.upstream = Side::of(upstream);
     p.saved = saved_factor as i64;
-    exec.launch(Family::Dapo, &format!("policy_backward_{}", suffix(dtype)), p.grid()?, &p)
+    exec.launch(
+        Family::Dapo,
+        &format!("policy_backward_{}", suffix(dtype)),
+        p.grid()?,
+        &p,
+    )
 }

@@ -59,19 +59,25 @@ fn ensure_init() -> Result<()> {
         // SAFETY: the presence probes only try to load and unload the libraries.
         let (driver, nvrtc) = unsafe { (dsys::is_culib_present(), nsys::is_culib_present()) };
         if !driver {
-            return Err("the CUDA driver library (libcuda.so.1) was not found: no NVIDIA \
+            return Err(
+                "the CUDA driver library (libcuda.so.1) was not found: no NVIDIA \
                         driver is installed, or it is not on the loader path"
-                .into());
+                    .into(),
+            );
         }
         if !nvrtc {
-            return Err("NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found; it ships \
+            return Err(
+                "NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found; it ships \
                         with PyTorch's CUDA wheels (nvidia/cu13/lib or nvidia/cuda_nvrtc/lib) \
                         and with `pip install nvidia-cuda-nvrtc`"
-                .into());
+                    .into(),
+            );
         }
         dres::init().map_err(|e| format!("cuInit failed: {}", describe(e)))
     });
-    outcome.clone().map_err(|reason| Error::CudaUnavailable { reason })
+    outcome
+        .clone()
+        .map_err(|reason| Error::CudaUnavailable { reason })
 }
 
 /// The state of the CUDA libraries, without failing.
@@ -135,7 +141,8 @@ fn context(cache: &mut Cache, ordinal: i32) -> Result<dsys::CUcontext> {
     let dev = dres::device::get(ordinal).map_err(driver_error("cuDeviceGet"))?;
     // SAFETY: a valid device; the primary context is the one PyTorch uses, retained for the
     // life of the process.
-    let ctx = unsafe { dres::primary_ctx::retain(dev) }.map_err(driver_error("cuDevicePrimaryCtxRetain"))?;
+    let ctx = unsafe { dres::primary_ctx::retain(dev) }
+        .map_err(driver_error("cuDevicePrimaryCtxRetain"))?;
     cache.contexts.insert(ordinal, ctx as usize);
     Ok(ctx)
 }
@@ -152,7 +159,10 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
     let arch = format!("--gpu-architecture=sm_{major}{minor}");
     let failed = |what: &str, detail: String| Error::Kernel {
         op: "NVRTC",
-        message: format!("{what} of kernels/{} for sm_{major}{minor} failed: {detail}", family.file()),
+        message: format!(
+            "{what} of kernels/{} for sm_{major}{minor} failed: {detail}",
+            family.file()
+        ),
     };
     let source = CString::new(family.program()).expect("kernel sources have no NUL");
     let name = CString::new(family.file()).expect("file names have no NUL");
@@ -165,7 +175,8 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
             // SAFETY: the program is live.
             let log = unsafe { nres::get_program_log(prog) }
                 .map(|l| {
-                    let bytes: Vec<u8> = l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
+                    let bytes: Vec<u8> =
+                        l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
                     String::from_utf8_lossy(&bytes).into_owned()
                 })
                 .unwrap_or_default();
@@ -189,7 +200,12 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
     result
 }
 
-fn function(cache: &mut Cache, ordinal: i32, family: Family, kernel: &str) -> Result<dsys::CUfunction> {
+fn function(
+    cache: &mut Cache,
+    ordinal: i32,
+    family: Family,
+    kernel: &str,
+) -> Result<dsys::CUfunction> {
     if let Some(&f) = cache.functions.get(&(ordinal, kernel.to_owned())) {
         return Ok(f as dsys::CUfunction);
     }
@@ -206,8 +222,11 @@ fn function(cache: &mut Cache, ordinal: i32, family: Family, kernel: &str) -> Re
     };
     let name = CString::new(kernel).expect("kernel names have no NUL");
     // SAFETY: a loaded module and a NUL-terminated name.
-    let f = unsafe { dres::module::get_function(module, name) }.map_err(driver_error("cuModuleGetFunction"))?;
-    cache.functions.insert((ordinal, kernel.to_owned()), f as usize);
+    let f = unsafe { dres::module::get_function(module, name) }
+        .map_err(driver_error("cuModuleGetFunction"))?;
+    cache
+        .functions
+        .insert((ordinal, kernel.to_owned()), f as usize);
     Ok(f)
 }
 
@@ -223,7 +242,9 @@ pub fn launch(
 ) -> Result<()> {
     ensure_init()?;
     let f = {
-        let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = CACHE
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let ctx = context(&mut cache, ordinal)?;
         if dres::ctx::get_current().map_err(driver_error("cuCtxGetCurrent"))? != Some(ctx) {
             // SAFETY: the retained primary context of the tensors' device.
@@ -237,7 +258,14 @@ pub fn launch(
     // mirror); the driver copies it at launch. The stream belongs to PyTorch and outlives the
     // queued work; every pointer inside `params` addresses memory of tensors on this device.
     unsafe {
-        dres::launch_kernel(f, (x, y, z), (BLOCK, 1, 1), 0, stream as dsys::CUstream, &mut args)
+        dres::launch_kernel(
+            f,
+            (x, y, z),
+            (BLOCK, 1, 1),
+            0,
+            stream as dsys::CUstream,
+            &mut args,
+        )
     }
     .map_err(driver_error(kernel))
 }

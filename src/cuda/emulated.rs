@@ -22,7 +22,15 @@ pub fn launch(kernel: &str, grid: Grid, params: *const c_void) -> Result<()> {
     let block = [BLOCK, 1, 1];
     // SAFETY: `params` points to the #[repr(C)] mirror of the kernel's parameter struct, alive
     // for this call; every pointer in it addresses CPU memory the caller borrows for the call.
-    let rc = unsafe { ha_emu_launch(name.as_ptr(), grid.blocks.as_ptr(), block.as_ptr(), 0, params) };
+    let rc = unsafe {
+        ha_emu_launch(
+            name.as_ptr(),
+            grid.blocks.as_ptr(),
+            block.as_ptr(),
+            0,
+            params,
+        )
+    };
     if rc != 0 {
         return Err(Error::Kernel {
             op: "emulated launch",

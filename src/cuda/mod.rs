@@ -118,7 +118,13 @@ impl Grid {
 impl Executor {
     /// Launches `kernel` of `family` with `params` (the kernel's only argument) on `grid`.
     /// An empty grid launches nothing.
-    pub fn launch<P: Copy>(&self, family: Family, kernel: &str, grid: Grid, params: &P) -> Result<()> {
+    pub fn launch<P: Copy>(
+        &self,
+        family: Family,
+        kernel: &str,
+        grid: Grid,
+        params: &P,
+    ) -> Result<()> {
         if grid.blocks.contains(&0) {
             return Ok(());
         }
@@ -212,7 +218,11 @@ pub enum Backend {
 
 /// Picks the backend for tensors on the device of `first` (every tensor in `others` must be
 /// on the same device). `stream` is PyTorch's current stream of that device, when CUDA.
-pub fn select(first: &TensorRef, others: &[Option<&TensorRef>], stream: Option<usize>) -> Result<Backend> {
+pub fn select(
+    first: &TensorRef,
+    others: &[Option<&TensorRef>],
+    stream: Option<usize>,
+) -> Result<Backend> {
     for t in others.iter().flatten() {
         if t.device() != first.device() {
             return Err(Error::Device {
@@ -224,7 +234,10 @@ pub fn select(first: &TensorRef, others: &[Option<&TensorRef>], stream: Option<u
     }
     let wrong = |expected: &str| Error::Device {
         arg: first.name(),
-        expected: format!("{expected} (backend {:?} is selected)", Choice::current_name()),
+        expected: format!(
+            "{expected} (backend {:?} is selected)",
+            Choice::current_name()
+        ),
         got: first.device().to_string(),
     };
     match (Choice::current(), first.device()) {
@@ -334,3 +347,6 @@ pub fn expect_buffer(t: &TensorRef, shape: &[usize], dtype: DType) -> Result<()>
     }
     Ok(())
 }
+
+#[cfg(all(test, feature = "emulation"))]
+mod tests;

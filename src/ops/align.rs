@@ -213,7 +213,11 @@ pub fn backward_kernels(
         &[]
     };
     if upstream.shape() != want && upstream.numel() != 1 {
-        return Err(Error::shape("grad_output", format!("{want:?}"), upstream.shape()));
+        return Err(Error::shape(
+            "grad_output",
+            format!("{want:?}"),
+            upstream.shape(),
+        ));
     }
     upstream.expect_dtype(&[DType::F32])?;
     for t in [centre, grad_rows] {

@@ -336,74 +336,6 @@ fn rows_from_index(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::groups::Grouping;
-
-    fn hidden(data: &mut [f32], b: usize, t: usize, h: usize) -> TensorRef<'_> {
-        TensorRef::from_slice("hidden", data, &[b, t, h])
-    }
-
-    #[test]
-    fn mask_with_two_anchors_in_a_row_is_refused() {
-        let mut h = vec![0f32; 2 * 3 * 2];
-        let mut m = vec![false, true, true, false, false, true];
-        let mut r = vec![1f32, 1.0];
-        let err = plan(
-            &hidden(&mut h, 2, 3, 2),
-            &Anchors::Mask(TensorRef::from_slice("mask", &mut m, &[2, 3])),
-            &TensorRef::from_slice("rewards", &mut r, &[2]),
-            &Grouping::Size(2),
-            0.5,
-            None,
-        )
-        .unwrap_err();
-        assert!(matches!(err, Error::Value { arg: "mask", .. }), "{err}");
-    }
-
-    #[test]
-    fn labels_become_dense_indices_in_sorted_order() {
-        let mut h = vec![0f32; 8];
-        let mut idx = vec![0i64, 1, -1, 0];
-        let mut r = vec![1f32, 0.0, 1.0, 0.7];
-        let mut ids = vec![42i64, -3, 42, 7];
-        let p = plan(
-            &hidden(&mut h, 4, 2, 1),
-            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[4])),
-            &TensorRef::from_slice("rewards", &mut r, &[4]),
-            &Grouping::Ids(TensorRef::from_slice("group_ids", &mut ids, &[4])),
-            0.5,
-            None,
-        )
-        .unwrap();
-        assert_eq!(p.group, vec![2, 0, 2, 1]);
-        assert_eq!(p.num_groups, 3);
-        assert_eq!(p.rows, vec![0, 3, -1, 6]);
-        assert_eq!(p.correct, vec![true, false, true, true]);
-    }
-
-    #[test]
-    fn group_size_must_divide_the_batch() {
-        let mut h = vec![0f32; 3];
-        let mut idx = vec![0i64, 0, 0];
-        let mut r = vec![1f32; 3];
-        let err = plan(
-            &hidden(&mut h, 3, 1, 1),
-            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[3])),
-            &TensorRef::from_slice("rewards", &mut r, &[3]),
-            &Grouping::Size(2),
-            0.5,
-            None,
-        )
-        .unwrap_err();
-        assert!(
-            err.to_string().contains("group_size: expected a divisor"),
-            "{err}"
-        );
-    }
-}
-
 /// The checks of [`plan`] that need no element of any tensor (shapes, dtypes, devices were
 /// checked by the backend selection): what the kernel backend can verify without reading
 /// device memory. Returns B. Value checks (anchors in range, one anchor per mask row,
@@ -495,4 +427,72 @@ pub fn check_metadata(
     }
     grouping.check_metadata(batch)?;
     Ok(batch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::groups::Grouping;
+
+    fn hidden(data: &mut [f32], b: usize, t: usize, h: usize) -> TensorRef<'_> {
+        TensorRef::from_slice("hidden", data, &[b, t, h])
+    }
+
+    #[test]
+    fn mask_with_two_anchors_in_a_row_is_refused() {
+        let mut h = vec![0f32; 2 * 3 * 2];
+        let mut m = vec![false, true, true, false, false, true];
+        let mut r = vec![1f32, 1.0];
+        let err = plan(
+            &hidden(&mut h, 2, 3, 2),
+            &Anchors::Mask(TensorRef::from_slice("mask", &mut m, &[2, 3])),
+            &TensorRef::from_slice("rewards", &mut r, &[2]),
+            &Grouping::Size(2),
+            0.5,
+            None,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Value { arg: "mask", .. }), "{err}");
+    }
+
+    #[test]
+    fn labels_become_dense_indices_in_sorted_order() {
+        let mut h = vec![0f32; 8];
+        let mut idx = vec![0i64, 1, -1, 0];
+        let mut r = vec![1f32, 0.0, 1.0, 0.7];
+        let mut ids = vec![42i64, -3, 42, 7];
+        let p = plan(
+            &hidden(&mut h, 4, 2, 1),
+            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[4])),
+            &TensorRef::from_slice("rewards", &mut r, &[4]),
+            &Grouping::Ids(TensorRef::from_slice("group_ids", &mut ids, &[4])),
+            0.5,
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.group, vec![2, 0, 2, 1]);
+        assert_eq!(p.num_groups, 3);
+        assert_eq!(p.rows, vec![0, 3, -1, 6]);
+        assert_eq!(p.correct, vec![true, false, true, true]);
+    }
+
+    #[test]
+    fn group_size_must_divide_the_batch() {
+        let mut h = vec![0f32; 3];
+        let mut idx = vec![0i64, 0, 0];
+        let mut r = vec![1f32; 3];
+        let err = plan(
+            &hidden(&mut h, 3, 1, 1),
+            &Anchors::Index(TensorRef::from_slice("mask", &mut idx, &[3])),
+            &TensorRef::from_slice("rewards", &mut r, &[3]),
+            &Grouping::Size(2),
+            0.5,
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("group_size: expected a divisor"),
+            "{err}"
+        );
+    }
 }

@@ -46,7 +46,15 @@ pub fn group_advantages(
         cuda::expect_buffer(out, &[batch], DType::F32)?;
         let totals = totals.ok_or_else(|| scratch_missing("totals"))?;
         cuda::expect_buffer(totals, &[batch], DType::F64)?;
-        return cuda::dapo::group_advantages(&exec, scores, grouping, eps, norm_by_std, totals, out);
+        return cuda::dapo::group_advantages(
+            &exec,
+            scores,
+            grouping,
+            eps,
+            norm_by_std,
+            totals,
+            out,
+        );
     }
     let (group, num_groups) = dense_groups(grouping, batch)?;
     expect_out(out, &[batch], DType::F32)?;
@@ -433,9 +441,13 @@ pub fn policy_loss_forward(
         let chunks = policy_chunks(t);
         cuda::expect_buffer(partials, &[b, chunks, cuda::dapo::POLICY_SUMS], DType::F64)?;
         let norms = kernel.norms;
-        for n in [&norms.batch_num_tokens, &norms.global_batch_size, &norms.loss_scale_factor]
-            .into_iter()
-            .flatten()
+        for n in [
+            &norms.batch_num_tokens,
+            &norms.global_batch_size,
+            &norms.loss_scale_factor,
+        ]
+        .into_iter()
+        .flatten()
         {
             if n.numel() != 1 {
                 return Err(Error::shape(n.name(), "one element", n.shape()));
@@ -519,10 +531,21 @@ pub fn policy_loss_backward(
         cuda::expect_buffer(row_scale, &[b], DType::F32)?;
         cuda::expect_buffer(grad, &[b, t], dtype)?;
         if upstream.numel() != 1 || upstream.device() != inputs.log_prob.device() {
-            return Err(Error::shape("grad_output", "one element on the device of log_prob", upstream.shape()));
+            return Err(Error::shape(
+                "grad_output",
+                "one element on the device of log_prob",
+                upstream.shape(),
+            ));
         }
         return cuda::dapo::policy_backward(
-            &exec, inputs, (b, t), clip, row_scale, upstream, grad, saved_factor,
+            &exec,
+            inputs,
+            (b, t),
+            clip,
+            row_scale,
+            upstream,
+            grad,
+            saved_factor,
         );
     }
     let upstream = upstream.item_f64("grad_output")?;

@@ -228,9 +228,8 @@ pub fn align_backward(
                 work: &s[3],
                 links: &s[4],
             };
-            let centre = view_opt(&centre)?.ok_or_else(|| {
-                crate::error::Error::value("centre", "a scratch tensor", "None")
-            })?;
+            let centre = view_opt(&centre)?
+                .ok_or_else(|| crate::error::Error::value("centre", "a scratch tensor", "None"))?;
             return align::backward_kernels(
                 &exec,
                 &hidden,

@@ -32,10 +32,14 @@ pub fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
     d.set_item("driver_version", s.driver_version)?;
     d.set_item("nvrtc_version", s.nvrtc_version)?;
     d.set_item("devices", s.devices)?;
-    d.set_item("available", s.reason.is_none() && s.devices.unwrap_or(0) > 0)?;
+    d.set_item(
+        "available",
+        s.reason.is_none() && s.devices.unwrap_or(0) > 0,
+    )?;
     d.set_item(
         "reason",
-        s.reason.or_else(|| (s.devices == Some(0)).then(|| "no CUDA device".to_string())),
+        s.reason
+            .or_else(|| (s.devices == Some(0)).then(|| "no CUDA device".to_string())),
     )?;
     d.set_item("emulation_built", cuda::emulation_built())?;
     Ok(d)
@@ -44,5 +48,8 @@ pub fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
 /// `(file, program)` for every kernel family: the exact text NVRTC compiles.
 #[pyfunction]
 pub fn kernel_programs() -> Vec<(&'static str, String)> {
-    Family::ALL.iter().map(|f| (f.file(), f.program())).collect()
+    Family::ALL
+        .iter()
+        .map(|f| (f.file(), f.program()))
+        .collect()
 }

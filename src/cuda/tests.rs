@@ -1,0 +1,298 @@
+//! The kernels run by the emulator against the CPU backend, from Rust (no Python): what the
+//! ThreadSanitizer build (`scripts/tsan.sh`) executes. The Python suite covers the full
+//! argument space (`tests/test_cuda_emulated.py`).
+
+use super::{Executor, align as kalign, dapo as kdapo, rows as krows};
+use crate::ops::align::{self, AlignBuffers, AlignConfig, AlignInputs};
+use crate::ops::anchors::{self, Anchors, RowSpace};
+use crate::ops::dapo::{
+    AggConfig, ClipConfig, NormaliserTensors, PolicyForwardBuffers, PolicyInputs,
+};
+use crate::ops::groups::Grouping;
+use crate::tensor::TensorRef;
+
+const EMU: Executor = Executor::Emulated;
+
+/// Deterministic pseudo-random values in [-1, 1).
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn alignment_forward_and_backward_match_the_cpu_backend() {
+    let (b, t, h) = (8usize, 3usize, 40usize);
+    let mut hidden = noise(b * t * h, 1);
+    let mut index: Vec<i64> = vec![0, 2, 1, -1, 2, 0, 1, 1];
+    let mut rewards: Vec<f32> = vec![1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0];
+    let mut labels: Vec<i64> = vec![5, 9, 5, 9, 5, 9, 5, 9];
+    for (loss_type, reduction) in [("cosine", "mean"), ("contrastive", "sum"), ("mse", "none")] {
+        let cfg = AlignConfig::new(loss_type, reduction, 1e-8, 0.1).unwrap();
+        let hv = TensorRef::from_slice("hidden", &mut hidden, &[b, t, h]);
+        let iv = TensorRef::from_slice("mask", &mut index, &[b]);
+        let rv = TensorRef::from_slice("rewards", &mut rewards, &[b]);
+        let lv = TensorRef::from_slice("group_ids", &mut labels, &[b]);
+        let anchors = Anchors::Index(iv);
+        let grouping = Grouping::Ids(lv);
+
+        let plan = anchors::plan(&hv, &anchors, &rv, &grouping, 0.5, None).unwrap();
+        let cpu = align::forward(&hv, &plan, &cfg).unwrap();
+        let upstream: Vec<f64> = if reduction == "none" {
+            vec![1.0, 0.5]
+        } else {
+            vec![1.0]
+        };
+        let mut cpu_grad = vec![0f32; b * h];
+        align::backward(
+            &hv,
+            &plan,
+            &cfg,
+            &upstream,
+            &mut TensorRef::from_slice("g", &mut cpu_grad, &[b, h]),
+        )
+        .unwrap();
+
+        let (mut rows, mut groups) = (vec![0i64; b], vec![0i64; b]);
+        let (mut correct, mut valid) = (vec![false; b], vec![false; b]);
+        let (mut group_loss, mut scalars) = (vec![0f32; b], vec![0f32; 4]);
+        let mut work = vec![0f32; kalign::WORK_ROWS * b];
+        let mut links = vec![0i32; 2 * b + 1];
+        let bufs = AlignBuffers {
+            rows: &TensorRef::from_slice("rows", &mut rows, &[b]),
+            groups: &TensorRef::from_slice("groups", &mut groups, &[b]),
+            correct: &TensorRef::from_slice("correct", &mut correct, &[b]),
+            group_loss: &TensorRef::from_slice("group_loss", &mut group_loss, &[b]),
+            group_valid: &TensorRef::from_slice("group_valid", &mut valid, &[b]),
+            scalars: &TensorRef::from_slice("scalars", &mut scalars, &[4]),
+            work: &TensorRef::from_slice("work", &mut work, &[kalign::WORK_ROWS, b]),
+            links: &TensorRef::from_slice("links", &mut links, &[2 * b + 1]),
+        };
+        let inputs = AlignInputs {
+            anchors: &anchors,
+            rewards: &rv,
+            threshold: 0.5,
+            grouping: &grouping,
+            cu_seqlens: None,
+        };
+        let groups_bound = align::forward_kernels(&EMU, &hv, &inputs, &cfg, &bufs).unwrap();
+        assert_eq!(groups_bound, b);
+        let mut up: Vec<f32> = upstream.iter().map(|&x| x as f32).collect();
+        let up_shape: &[usize] = if reduction == "none" { &[2] } else { &[] };
+        let n_up = up.len();
+        let mut up_t = TensorRef::from_slice("grad_output", &mut up, &[n_up]);
+        if up_shape.is_empty() {
+            // SAFETY: the same single element, seen as a 0-d tensor.
+            up_t = unsafe {
+                TensorRef::from_raw_parts(
+                    "grad_output",
+                    up_t.data_ptr(),
+                    up_t.dtype(),
+                    up_t.device(),
+                    vec![],
+                    vec![],
+                )
+            };
+        }
+        let mut centre = vec![0f32; b * h];
+        let mut grad = vec![0f32; b * h];
+        align::backward_kernels(
+            &EMU,
+            &hv,
+            &cfg,
+            &bufs,
+            2,
+            &up_t,
+            &TensorRef::from_slice("centre", &mut centre, &[b, h]),
+            &TensorRef::from_slice("grad_rows", &mut grad, &[b, h]),
+        )
+        .unwrap();
+        assert_eq!(rows, plan.rows, "{loss_type}");
+        assert_eq!(
+            groups,
+            plan.group.iter().map(|&g| g as i64).collect::<Vec<_>>()
+        );
+        let cpu_loss: Vec<f32> = cpu.group_loss.iter().map(|&x| x as f32).collect();
+        close(&group_loss[..2], &cpu_loss, 1e-5, loss_type);
+        close(&scalars[..1], &[cpu.loss as f32], 1e-5, loss_type);
+        close(&grad, &cpu_grad, 1e-4, loss_type);
+    }
+}
+
+#[test]
+fn policy_forward_and_backward_match_the_cpu_backend() {
+    let (b, t) = (3usize, 300usize);
+    let mut lp = noise(b * t, 2);
+    let mut old: Vec<f32> = lp
+        .iter()
+        .zip(noise(b * t, 3))
+        .map(|(x, n)| x + 0.4 * n)
+        .collect();
+    let mut adv = noise(b, 4);
+    let mut mask: Vec<f32> = noise(b * t, 5)
+        .iter()
+        .map(|&x| (x > -0.4) as i32 as f32)
+        .collect();
+    let clip = ClipConfig::new(0.2, 0.28, 3.0, Some(20.0)).unwrap();
+    let agg = AggConfig::new("seq-mean-token-mean", None, 1, None, None).unwrap();
+    let inputs = PolicyInputs {
+        log_prob: TensorRef::from_slice("log_prob", &mut lp, &[b, t]),
+        old_log_prob: TensorRef::from_slice("old_log_prob", &mut old, &[b, t]),
+        advantages: TensorRef::from_slice("advantages", &mut adv, &[b]),
+        response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
+        rollout_is_weights: None,
+    };
+    let norms = NormaliserTensors::default();
+    let (mut scale_cpu, mut factor_cpu) = (vec![0f32; b], vec![0f32; b * t]);
+    let cpu = crate::cpu::dapo::policy_forward::<f32, f32>(
+        &inputs,
+        (b, t),
+        &clip,
+        &agg,
+        &mut scale_cpu,
+        Some(&mut factor_cpu),
+    );
+    let (mut scalars, mut scale, mut factor) = (vec![0f32; 4], vec![0f32; b], vec![0f32; b * t]);
+    let chunks = kdapo::policy_chunks(t);
+    let mut partials = vec![0f64; b * chunks * kdapo::POLICY_SUMS];
+    {
+        let factor_t = TensorRef::from_slice("factor", &mut factor, &[b, t]);
+        let bufs = PolicyForwardBuffers {
+            scalars: &TensorRef::from_slice("scalars", &mut scalars, &[4]),
+            row_scale: &TensorRef::from_slice("row_scale", &mut scale, &[b]),
+            factor: Some(&factor_t),
+            partials: &TensorRef::from_slice("partials", &mut partials, &[b, chunks, 5]),
+        };
+        kdapo::policy_forward(&EMU, &inputs, (b, t), &clip, &agg, &norms, &bufs).unwrap();
+    }
+    close(
+        &scalars,
+        &[
+            cpu.loss as f32,
+            cpu.pg_clipfrac as f32,
+            cpu.ppo_kl as f32,
+            cpu.pg_clipfrac_lower as f32,
+        ],
+        1e-5,
+        "scalars",
+    );
+    close(&scale, &scale_cpu, 1e-6, "row_scale");
+    close(&factor, &factor_cpu, 1e-5, "factor");
+    let mut up = vec![2.0f32];
+    // SAFETY: a single element seen as a 0-d tensor.
+    let up_t = unsafe {
+        TensorRef::from_raw_parts(
+            "grad_output",
+            up.as_mut_ptr().cast(),
+            crate::tensor::DType::F32,
+            crate::tensor::Device::Cpu,
+            vec![],
+            vec![],
+        )
+    };
+    let expected: Vec<f32> = factor_cpu
+        .iter()
+        .enumerate()
+        .map(|(i, f)| f * 2.0 * scale_cpu[i / t])
+        .collect();
+    let mut scale_t = scale.clone();
+    let st = TensorRef::from_slice("row_scale", &mut scale_t, &[b]);
+    for saved in [true, false] {
+        let mut grad = if saved {
+            factor.clone()
+        } else {
+            vec![0f32; b * t]
+        };
+        let gt = TensorRef::from_slice("grad", &mut grad, &[b, t]);
+        kdapo::policy_backward(&EMU, &inputs, (b, t), &clip, &st, &up_t, &gt, saved).unwrap();
+        close(&grad, &expected, 1e-5, "grad");
+    }
+}
+
+#[test]
+fn small_dapo_ops_and_row_scatter_match_the_cpu_backend() {
+    let b = 37usize; // a partial last warp
+    let mut scores = noise(b, 6);
+    let mut labels: Vec<i64> = (0..b as i64).map(|i| (i * 7) % 5).collect();
+    let mut totals = vec![0f64; b];
+    let mut out = vec![0f32; b];
+    let grouping = Grouping::Ids(TensorRef::from_slice("group_ids", &mut labels, &[b]));
+    let sv = TensorRef::from_slice("scores", &mut scores, &[b]);
+    kdapo::group_advantages(
+        &EMU,
+        &sv,
+        &grouping,
+        1e-6,
+        true,
+        &TensorRef::from_slice("totals", &mut totals, &[b]),
+        &TensorRef::from_slice("out", &mut out, &[b]),
+    )
+    .unwrap();
+    let (group, n) = crate::ops::groups::dense_groups(&grouping, b).unwrap();
+    let sums: Vec<f64> = sv.to_f64_vec().unwrap();
+    let mut cpu = vec![0f32; b];
+    crate::cpu::dapo::group_advantages(&sums, &group, n, 1e-6, true, &mut cpu);
+    assert_eq!(out, cpu);
+
+    let mut keep = vec![false; b];
+    kdapo::dynamic_sampling_mask(
+        &EMU,
+        &sv,
+        &Grouping::Size(1),
+        &TensorRef::from_slice("out", &mut keep, &[b]),
+    )
+    .unwrap();
+    assert!(keep.iter().all(|&k| k), "singleton groups are kept");
+
+    let mut lengths: Vec<i64> = (0..b as i64).collect();
+    let mut pen = vec![0f32; b];
+    kdapo::overlong_penalty(
+        &EMU,
+        &TensorRef::from_slice("lengths", &mut lengths, &[b]),
+        30.0,
+        8.0,
+        1.0,
+        &TensorRef::from_slice("out", &mut pen, &[b]),
+    )
+    .unwrap();
+    for (l, p) in pen.iter().enumerate() {
+        assert_eq!(*p, (-((l as f64) - 22.0) / 8.0).min(0.0) as f32);
+    }
+
+    let (rows_n, h) = (6usize, 300usize);
+    let mut dst = noise(rows_n * h, 7);
+    let mut expected = dst.clone();
+    let mut rows: Vec<i64> = vec![4, -1, 4, 0];
+    let mut vals = noise(rows.len() * h, 8);
+    for (j, &r) in rows.iter().enumerate() {
+        if r >= 0 {
+            for k in 0..h {
+                expected[r as usize * h + k] += vals[j * h + k];
+            }
+        }
+    }
+    let dv = TensorRef::from_slice("dst", &mut dst, &[rows_n, h]);
+    let space = RowSpace::of(&dv).unwrap();
+    let rv = TensorRef::from_slice("rows", &mut rows, &[4]);
+    let vv = TensorRef::from_slice("vals", &mut vals, &[4, h]);
+    krows::scatter_add(&EMU, &dv, &space, &rv, &vv).unwrap();
+    assert_eq!(dst, expected);
+}
