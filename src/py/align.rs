@@ -4,7 +4,7 @@
 use pyo3::prelude::*;
 
 use super::errors::run;
-use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
+use super::tensor::{Borrowed, import, import_on, import_opt_on, view_opt, write_floats};
 use crate::cuda::{self, Backend};
 use crate::error::Result;
 use crate::ops::align::{self, AlignBuffers, AlignConfig, AlignInputs};
@@ -64,21 +64,21 @@ pub fn align_forward(
     links: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<(usize, bool)> {
-    let hidden = import(hidden, "hidden")?;
-    let mask = import(mask, "mask")?;
-    let rewards = import(rewards, "rewards")?;
-    let group_ids = import_opt(group_ids, "group_ids")?;
-    let cu_seqlens = import_opt(cu_seqlens, "cu_seqlens")?;
+    let hidden = import_on(hidden, "hidden", stream)?;
+    let mask = import_on(mask, "mask", stream)?;
+    let rewards = import_on(rewards, "rewards", stream)?;
+    let group_ids = import_opt_on(group_ids, "group_ids", stream)?;
+    let cu_seqlens = import_opt_on(cu_seqlens, "cu_seqlens", stream)?;
     let outs = [
-        import(out_rows, "out_rows")?,
-        import(out_groups, "out_groups")?,
-        import(out_correct, "out_correct")?,
-        import(out_group_loss, "out_group_loss")?,
-        import(out_group_valid, "out_group_valid")?,
-        import(out_scalars, "out_scalars")?,
+        import_on(out_rows, "out_rows", stream)?,
+        import_on(out_groups, "out_groups", stream)?,
+        import_on(out_correct, "out_correct", stream)?,
+        import_on(out_group_loss, "out_group_loss", stream)?,
+        import_on(out_group_valid, "out_group_valid", stream)?,
+        import_on(out_scalars, "out_scalars", stream)?,
     ];
-    let work = import_opt(work, "work")?;
-    let links = import_opt(links, "links")?;
+    let work = import_opt_on(work, "work", stream)?;
+    let links = import_opt_on(links, "links", stream)?;
     let (loss_type, reduction) = (loss_type.to_owned(), reduction.to_owned());
     run(py, "hidden_align.loss", move || {
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
@@ -189,21 +189,21 @@ pub fn align_backward(
 ) -> PyResult<()> {
     let state = match &kernel_state {
         Some((loss, valid, scalars, work, links)) => Some([
-            import(loss, "group_loss")?,
-            import(valid, "group_valid")?,
-            import(scalars, "scalars")?,
-            import(work, "work")?,
-            import(links, "links")?,
+            import_on(loss, "group_loss", stream)?,
+            import_on(valid, "group_valid", stream)?,
+            import_on(scalars, "scalars", stream)?,
+            import_on(work, "work", stream)?,
+            import_on(links, "links", stream)?,
         ]),
         None => None,
     };
-    let centre = import_opt(centre, "centre")?;
-    let hidden = import(hidden, "hidden")?;
-    let rows = import(rows, "rows")?;
-    let groups = import(groups, "groups")?;
-    let correct = import(correct, "correct")?;
-    let grad_output = import(grad_output, "grad_output")?;
-    let out = import(out_grad_rows, "out_grad_rows")?;
+    let centre = import_opt_on(centre, "centre", stream)?;
+    let hidden = import_on(hidden, "hidden", stream)?;
+    let rows = import_on(rows, "rows", stream)?;
+    let groups = import_on(groups, "groups", stream)?;
+    let correct = import_on(correct, "correct", stream)?;
+    let grad_output = import_on(grad_output, "grad_output", stream)?;
+    let out = import_on(out_grad_rows, "out_grad_rows", stream)?;
     let (loss_type, reduction) = (loss_type.to_owned(), reduction.to_owned());
     run(py, "hidden_align.loss backward", move || {
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
@@ -294,9 +294,9 @@ pub fn scatter_add_rows(
     vals: &Bound<'_, PyAny>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let dst = import(dst, "dst")?;
-    let rows = import(rows, "rows")?;
-    let vals = import(vals, "vals")?;
+    let dst = import_on(dst, "dst", stream)?;
+    let rows = import_on(rows, "rows", stream)?;
+    let vals = import_on(vals, "vals", stream)?;
     run(py, "scatter_add_rows", move || {
         crate::ops::rows::scatter_add(&mut dst.view()?, &rows.view()?, &vals.view()?, stream)
     })

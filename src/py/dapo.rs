@@ -3,7 +3,7 @@
 use pyo3::prelude::*;
 
 use super::errors::run;
-use super::tensor::{Borrowed, import, import_opt, view_opt, write_floats};
+use super::tensor::{Borrowed, import_on, import_opt_on, view_opt, write_floats};
 use crate::error::Result;
 use crate::ops::dapo::{
     self, AggConfig, ClipConfig, NormaliserTensors, PolicyInputs, PolicyKernelArgs,
@@ -26,10 +26,10 @@ pub fn group_advantages(
     totals: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let scores = import(scores, "scores")?;
-    let group_ids = import_opt(group_ids, "group_ids")?;
-    let out = import(out, "out")?;
-    let totals = import_opt(totals, "totals")?;
+    let scores = import_on(scores, "scores", stream)?;
+    let group_ids = import_opt_on(group_ids, "group_ids", stream)?;
+    let out = import_on(out, "out", stream)?;
+    let totals = import_opt_on(totals, "totals", stream)?;
     run(py, "hidden_align.dapo.group_advantages", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
         dapo::group_advantages(
@@ -55,9 +55,9 @@ pub fn dynamic_sampling_mask(
     out: &Bound<'_, PyAny>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let metric = import(metric, "metric")?;
-    let group_ids = import_opt(group_ids, "group_ids")?;
-    let out = import(out, "out")?;
+    let metric = import_on(metric, "metric", stream)?;
+    let group_ids = import_opt_on(group_ids, "group_ids", stream)?;
+    let out = import_on(out, "out", stream)?;
     run(py, "hidden_align.dapo.dynamic_sampling_mask", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
         dapo::dynamic_sampling_mask(&metric.view()?, &grouping, &mut out.view()?, stream)
@@ -77,8 +77,8 @@ pub fn overlong_penalty(
     out: &Bound<'_, PyAny>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let lengths = import(response_lengths, "response_lengths")?;
-    let out = import(out, "out")?;
+    let lengths = import_on(response_lengths, "response_lengths", stream)?;
+    let out = import_on(out, "out", stream)?;
     run(py, "hidden_align.dapo.overlong_penalty", move || {
         dapo::overlong_penalty(
             &lengths.view()?,
@@ -115,13 +115,14 @@ struct PolicyArgs {
 impl PolicyArgs {
     fn import(
         (log_prob, old_log_prob, advantages, response_mask, weights): &PolicyTensors<'_>,
+        on: Option<usize>,
     ) -> PyResult<Self> {
         Ok(PolicyArgs {
-            log_prob: import(log_prob, "log_prob")?,
-            old_log_prob: import(old_log_prob, "old_log_prob")?,
-            advantages: import(advantages, "advantages")?,
-            response_mask: import(response_mask, "response_mask")?,
-            rollout_is_weights: import_opt(weights.as_ref(), "rollout_is_weights")?,
+            log_prob: import_on(log_prob, "log_prob", on)?,
+            old_log_prob: import_on(old_log_prob, "old_log_prob", on)?,
+            advantages: import_on(advantages, "advantages", on)?,
+            response_mask: import_on(response_mask, "response_mask", on)?,
+            rollout_is_weights: import_opt_on(weights.as_ref(), "rollout_is_weights", on)?,
         })
     }
 
@@ -187,14 +188,14 @@ pub fn policy_loss_forward(
     partials: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let args = PolicyArgs::import(&inputs)?;
-    let out = import(out_row_scale, "out_row_scale")?;
-    let scalars = import(out_scalars, "out_scalars")?;
-    let factor = import_opt(out_factor, "out_factor")?;
-    let partials = import_opt(partials, "partials")?;
-    let bnt = import_opt(norm_tensors.0.as_ref(), "batch_num_tokens")?;
-    let gbs = import_opt(norm_tensors.1.as_ref(), "global_batch_size")?;
-    let lsf = import_opt(norm_tensors.2.as_ref(), "loss_scale_factor")?;
+    let args = PolicyArgs::import(&inputs, stream)?;
+    let out = import_on(out_row_scale, "out_row_scale", stream)?;
+    let scalars = import_on(out_scalars, "out_scalars", stream)?;
+    let factor = import_opt_on(out_factor, "out_factor", stream)?;
+    let partials = import_opt_on(partials, "partials", stream)?;
+    let bnt = import_opt_on(norm_tensors.0.as_ref(), "batch_num_tokens", stream)?;
+    let gbs = import_opt_on(norm_tensors.1.as_ref(), "global_batch_size", stream)?;
+    let lsf = import_opt_on(norm_tensors.2.as_ref(), "loss_scale_factor", stream)?;
     let mode = loss_agg_mode.to_owned();
     run(py, "hidden_align.dapo.policy_loss", move || {
         let clip = clip_config(clip)?;
@@ -256,10 +257,10 @@ pub fn policy_loss_backward(
     saved_factor: bool,
     stream: Option<usize>,
 ) -> PyResult<()> {
-    let args = PolicyArgs::import(&inputs)?;
-    let grad_output = import(grad_output, "grad_output")?;
-    let row_scale = import(row_scale, "row_scale")?;
-    let out = import(out_grad, "out_grad")?;
+    let args = PolicyArgs::import(&inputs, stream)?;
+    let grad_output = import_on(grad_output, "grad_output", stream)?;
+    let row_scale = import_on(row_scale, "row_scale", stream)?;
+    let out = import_on(out_grad, "out_grad", stream)?;
     run(py, "hidden_align.dapo.policy_loss backward", move || {
         let clip = clip_config(clip)?;
         let grad = &mut out.view()?;

@@ -1,7 +1,10 @@
 //! DLPack import of torch tensors (zero-copy) into backend-free [`TensorRef`]s.
 
-use dlpark::ffi::{DLDataType, DLDeviceType};
-use dlpark::python::{ImportedDlpack, from_dlpack};
+use std::ffi::c_void;
+
+use dlpark::ffi::{DLDataType, DLDevice, DLDeviceType};
+use dlpark::python::consumer::stream;
+use dlpark::python::{DlpackStream, ImportedDlpack, StreamArg, from_dlpack};
 use pyo3::prelude::*;
 
 use crate::error::{Error, Result};
@@ -13,9 +16,41 @@ pub struct Borrowed {
     owner: ImportedDlpack,
 }
 
+/// The stream our kernels run on (PyTorch's current stream, `CUstream` as an integer), as the
+/// DLPack consumer stream: a producer working on the same stream needs no ordering at all.
+struct ConsumerStream(usize);
+
+// SAFETY: the handle is PyTorch's live current stream of the tensor's device, passed with the
+// CUDA convention of the Python DLPack protocol.
+unsafe impl DlpackStream for ConsumerStream {
+    fn as_python_arg(&self, _py: Python<'_>, device: DLDevice) -> PyResult<StreamArg> {
+        Ok(match device.device_type {
+            DLDeviceType::CUDA => stream::cuda(self.0 as *mut c_void),
+            _ => stream::none(),
+        })
+    }
+
+    unsafe fn wait_for_producer(&self, _device: DLDevice, producer: *mut c_void) -> PyResult<bool> {
+        // Same stream: already ordered. Otherwise the Python protocol orders the streams
+        // (an event the consumer stream waits on; no host synchronisation).
+        Ok(producer as usize == self.0)
+    }
+}
+
 /// Imports `obj` (anything with `__dlpack__`) without copying.
 pub fn import(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Borrowed> {
-    let owner = from_dlpack(obj.as_borrowed(), None, None).map_err(|e| {
+    import_on(obj, name, None)
+}
+
+/// [`import`] for a tensor our kernels will use on CUDA stream `stream`.
+pub fn import_on(
+    obj: &Bound<'_, PyAny>,
+    name: &'static str,
+    on: Option<usize>,
+) -> PyResult<Borrowed> {
+    let consumer = on.map(ConsumerStream);
+    let consumer = consumer.as_ref().map(|s| s as &dyn DlpackStream);
+    let owner = from_dlpack(obj.as_borrowed(), consumer, None).map_err(|e| {
         super::errors::to_pyerr(
             obj.py(),
             Error::value(name, "a tensor exchangeable through DLPack", e.to_string()),
@@ -24,12 +59,13 @@ pub fn import(obj: &Bound<'_, PyAny>, name: &'static str) -> PyResult<Borrowed> 
     Ok(Borrowed { name, owner })
 }
 
-/// [`import`] for optional arguments.
-pub fn import_opt(
+/// [`import_on`] for optional arguments.
+pub fn import_opt_on(
     obj: Option<&Bound<'_, PyAny>>,
     name: &'static str,
+    on: Option<usize>,
 ) -> PyResult<Option<Borrowed>> {
-    obj.map(|o| import(o, name)).transpose()
+    obj.map(|o| import_on(o, name, on)).transpose()
 }
 
 /// [`Borrowed::view`] for optional arguments.
