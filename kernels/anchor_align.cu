@@ -312,12 +312,18 @@ HA_DEVICE void finish_forward(const AlignParams& p, int64_t* ired, float* fred) 
     groups = block_sum(groups, ired);
     anchored_ok = block_sum(anchored_ok, ired);
     invalid = block_sum(invalid, ired);
+    // Written by other blocks of this launch: read through volatile so that no line this SM's
+    // L1 might hold is used (the writers fenced before taking their tickets).
+    const volatile float* group_loss = p.group_loss;
+    const volatile uint8_t* group_valid = p.group_valid;
+    const volatile float* cos = work(p, W_COS);
+    const volatile float* has_cos = work(p, W_HAS_COS);
     float total = 0.0f, cos_sum = 0.0f, cos_n = 0.0f, valid = 0.0f;
     for (int64_t g = threadIdx.x; g < groups; g += HA_BLOCK) {
-        total += p.group_loss[g];
-        valid += p.group_valid[g];
-        if (work(p, W_HAS_COS)[g] != 0.0f) {
-            cos_sum += work(p, W_COS)[g];
+        total += group_loss[g];
+        valid += group_valid[g];
+        if (has_cos[g] != 0.0f) {
+            cos_sum += cos[g];
             cos_n += 1.0f;
         }
         if (invalid) p.group_loss[g] = f32_nan();

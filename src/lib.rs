@@ -21,7 +21,9 @@ mod _native {
     #[pymodule_export]
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
     #[pymodule_export]
-    use crate::py::backend::{cuda_status, get_backend, kernel_programs, set_backend};
+    use crate::py::backend::{
+        compile_kernels, cuda_status, get_backend, kernel_programs, set_backend,
+    };
     #[pymodule_export]
     use crate::py::dapo::{
         dynamic_sampling_mask, group_advantages, overlong_penalty, policy_loss_backward,

@@ -86,16 +86,7 @@ pub fn status() -> Status {
     // SAFETY: as in ensure_init.
     (s.driver_found, s.nvrtc_found) =
         unsafe { (dsys::is_culib_present(), nsys::is_culib_present()) };
-    if s.nvrtc_found {
-        let (mut major, mut minor): (c_int, c_int) = (0, 0);
-        // SAFETY: two out-parameters; the library is present.
-        if unsafe { nsys::nvrtcVersion(&mut major, &mut minor) }
-            .result()
-            .is_ok()
-        {
-            s.nvrtc_version = Some((major, minor));
-        }
-    }
+    s.nvrtc_version = nvrtc_version();
     if s.driver_found {
         let mut version: c_int = 0;
         // SAFETY: one out-parameter; allowed before cuInit.
@@ -156,20 +147,93 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
     };
     let major = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let arch = format!("--gpu-architecture=sm_{major}{minor}");
+    compile_for_arch(family, (major * 10 + minor) as u32)
+}
+
+/// NVRTC (major, minor), when the library is present.
+fn nvrtc_version() -> Option<(i32, i32)> {
+    // SAFETY: the presence probe only loads and unloads the library.
+    if !unsafe { nsys::is_culib_present() } {
+        return None;
+    }
+    let (mut major, mut minor): (c_int, c_int) = (0, 0);
+    // SAFETY: two out-parameters; the library is present.
+    unsafe { nsys::nvrtcVersion(&mut major, &mut minor) }
+        .result()
+        .ok()
+        .map(|()| (major, minor))
+}
+
+/// FNV-1a: a stable 64-bit hash of the program text for the on-disk cache key.
+fn fnv1a(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Directory of compiled kernels: `HIDDEN_ALIGN_CACHE_DIR` (empty: no disk cache), else
+/// `$XDG_CACHE_HOME/hidden_align` or `~/.cache/hidden_align`.
+fn cache_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("HIDDEN_ALIGN_CACHE_DIR") {
+        return (!dir.is_empty()).then(|| dir.into());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
+    Some(base.join("hidden_align"))
+}
+
+/// Compiles `family` to a CUBIN for `sm_<arch>` (e.g. 90) through the on-disk cache, keyed by
+/// the program's hash, the architecture and the NVRTC version. Needs NVRTC, not a GPU.
+pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
+    let program = family.program();
+    let (major, minor) = nvrtc_version().ok_or_else(|| Error::CudaUnavailable {
+        reason: "NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found".into(),
+    })?;
+    let key = format!(
+        "{}-{:016x}-sm_{arch}-nvrtc{major}.{minor}.cubin",
+        family.file().trim_end_matches(".cu"),
+        fnv1a(&program)
+    );
+    let cached = cache_dir().map(|d| d.join(&key));
+    if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok())
+        && !bytes.is_empty()
+    {
+        return Ok(bytes);
+    }
+    let cubin = nvrtc_cubin(family, &program, arch)?;
+    if let Some(path) = cached {
+        // Best effort: a cache that cannot be written costs a compile next time. Writing to a
+        // temporary file and renaming lets a concurrent reader see the whole file or none.
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        let written = path
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(&tmp, &cubin))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    Ok(cubin)
+}
+
+fn nvrtc_cubin(family: Family, program: &str, arch: u32) -> Result<Vec<u8>> {
+    let option = format!("--gpu-architecture=sm_{arch}");
     let failed = |what: &str, detail: String| Error::Kernel {
         op: "NVRTC",
         message: format!(
-            "{what} of kernels/{} for sm_{major}{minor} failed: {detail}",
+            "{what} of kernels/{} for sm_{arch} failed: {detail}",
             family.file()
         ),
     };
-    let source = CString::new(family.program()).expect("kernel sources have no NUL");
+    let source = CString::new(program).expect("kernel sources have no NUL");
     let name = CString::new(family.file()).expect("file names have no NUL");
     let prog = nres::create_program(&source, Some(&name))
         .map_err(|e| failed("nvrtcCreateProgram", format!("{e:?}")))?;
     // SAFETY: a live program and plain option strings.
-    let compiled = unsafe { nres::compile_program(prog, &[arch.as_str()]) };
+    let compiled = unsafe { nres::compile_program(prog, &[option.as_str()]) };
     let result = match compiled {
         Err(e) => {
             // SAFETY: the program is live.
@@ -182,22 +246,27 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
                 .unwrap_or_default();
             Err(failed("compilation", format!("{e:?}\n{log}")))
         }
-        Ok(()) => {
-            let mut size = 0usize;
-            // SAFETY: the program compiled; one out-parameter, then a buffer of that size.
-            unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) }
-                .result()
-                .map_err(|e| failed("nvrtcGetCUBINSize", format!("{e:?}")))?;
-            let mut cubin = vec![0u8; size];
-            unsafe { nsys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
-                .result()
-                .map_err(|e| failed("nvrtcGetCUBIN", format!("{e:?}")))?;
-            Ok(cubin)
-        }
+        Ok(()) => cubin_of(prog).map_err(|e| failed("nvrtcGetCUBIN", e)),
     };
     // SAFETY: the program is live and not used afterwards.
     let _ = unsafe { nres::destroy_program(prog) };
     result
+}
+
+fn cubin_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
+    let mut size = 0usize;
+    // SAFETY: a compiled program; one out-parameter, then a buffer of that size.
+    unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) }
+        .result()
+        .map_err(|e| format!("{e:?}"))?;
+    let mut cubin = vec![0u8; size];
+    unsafe { nsys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
+        .result()
+        .map_err(|e| format!("{e:?}"))?;
+    if cubin.is_empty() {
+        return Err("an empty image".into());
+    }
+    Ok(cubin)
 }
 
 fn function(

@@ -53,3 +53,15 @@ pub fn kernel_programs() -> Vec<(&'static str, String)> {
         .map(|f| (f.file(), f.program()))
         .collect()
 }
+
+/// Compiles every kernel family with NVRTC for `sm_<arch>` through the runtime's own path (and
+/// its on-disk cache), without a GPU; returns `(file, CUBIN size in bytes)`.
+#[pyfunction]
+pub fn compile_kernels(py: Python<'_>, arch: u32) -> PyResult<Vec<(&'static str, usize)>> {
+    super::errors::run(py, "compile_kernels", move || {
+        Family::ALL
+            .iter()
+            .map(|&f| Ok((f.file(), cuda::driver::compile_for_arch(f, arch)?.len())))
+            .collect()
+    })
+}
