@@ -53,7 +53,9 @@ struct AlignParams {
     uint8_t* correct;      // [B] out
     float* group_loss;     // [B] out (first G used)
     uint8_t* group_valid;  // [B] out (first G used)
-    float* scalars;        // [4] out: loss, mean cosine, valid groups, anchored correct
+    float* loss;           // [] out: the reduced loss (mean or sum)
+    float* mean_cosine;    // [] out
+    int64_t* counts;       // [2] out: valid groups, anchored correct rollouts
     float* work;           // [8, B] scratch, kept for the backward
     int32_t* links;        // [2 B + 1] scratch: next member, leader flag, block ticket
     Side upstream;         // backward: gradient of the result ([1] or [G])
@@ -335,10 +337,10 @@ HA_DEVICE void finish_forward(const AlignParams& p, int64_t* ired, float* fred) 
     if (threadIdx.x == 0) {
         float loss = total;
         if (p.reduction == RED_MEAN) loss = valid > 0.0f ? total / valid : 0.0f;
-        p.scalars[0] = invalid ? f32_nan() : loss;
-        p.scalars[1] = (invalid || cos_n == 0.0f) ? f32_nan() : cos_sum / cos_n;
-        p.scalars[2] = valid;
-        p.scalars[3] = static_cast<float>(anchored_ok);
+        *p.loss = invalid ? f32_nan() : loss;
+        *p.mean_cosine = (invalid || cos_n == 0.0f) ? f32_nan() : cos_sum / cos_n;
+        p.counts[0] = static_cast<int64_t>(valid);
+        p.counts[1] = anchored_ok;
     }
 }
 
@@ -373,7 +375,7 @@ HA_DEVICE void group_backward(const AlignParams& p, int64_t b, float* fred) {
     const int64_t g = p.groups[b], hs = p.hidden_size;
     const int64_t up_at = p.reduction == RED_NONE ? g * p.upstream.stride : 0;
     const float up = static_cast<float>(load_as_double(p.upstream.p, p.upstream.code, up_at));
-    const float w = p.reduction == RED_MEAN ? up / p.scalars[2] : up;
+    const float w = p.reduction == RED_MEAN ? up / static_cast<float>(p.counts[0]) : up;
     int64_t n = 0;
     for (int64_t j = b; j >= 0; j = next_of(p, j)) n += anchored_correct(p, j);
     const float nf = static_cast<float>(n);

@@ -276,7 +276,8 @@ struct PolicyReduceParams {
     Side global_batch_size_tensor;
     double loss_scale_factor;
     Side loss_scale_factor_tensor;
-    void* scalars;       // [4] out: loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower (float)
+    float* loss;         // [] out
+    float* metrics;      // [3] out: pg_clipfrac, ppo_kl, pg_clipfrac_lower
     float* row_scale;    // [B] out: dloss/d(l m) per row
 };
 
@@ -328,11 +329,10 @@ HA_DEVICE void policy_reduce(const PolicyReduceParams& p) {
     }
     if (threadIdx.x == 0) {
         const double den = tot[1] + 1e-8;
-        float* out = static_cast<float*>(p.scalars);
-        out[0] = static_cast<float>(loss);
-        out[1] = static_cast<float>(tot[2] / den);
-        out[2] = static_cast<float>(tot[3] / den);
-        out[3] = static_cast<float>(tot[4] / den);
+        *p.loss = static_cast<float>(loss);
+        p.metrics[0] = static_cast<float>(tot[2] / den);
+        p.metrics[1] = static_cast<float>(tot[3] / den);
+        p.metrics[2] = static_cast<float>(tot[4] / den);
     }
 }
 extern "C" __global__ void dapo_policy_reduce(PolicyReduceParams p) {

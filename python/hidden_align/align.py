@@ -42,7 +42,9 @@ class _AlignLoss(torch.autograd.Function):
         correct = torch.empty(batch, dtype=torch.bool, device=dev)
         group_loss = torch.empty(batch, dtype=acc, device=dev)
         group_valid = torch.empty(batch, dtype=torch.bool, device=dev)
-        scalars = torch.empty(4, dtype=acc, device=dev)
+        value = torch.empty((), dtype=acc, device=dev)
+        mean_cosine = torch.empty((), dtype=acc, device=dev)
+        counts = torch.empty(2, dtype=torch.int64, device=dev)
         # Scratch of the kernel backend, kept for its backward (unused on the CPU backend).
         work = torch.empty(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
         links = torch.empty(2 * batch + 1, dtype=torch.int32, device=dev)
@@ -64,7 +66,9 @@ class _AlignLoss(torch.autograd.Function):
             correct,
             group_loss,
             group_valid,
-            scalars,
+            value,
+            mean_cosine,
+            counts,
             work,
             links,
             stream,
@@ -75,15 +79,16 @@ class _AlignLoss(torch.autograd.Function):
         ctx.save_for_backward(hidden, rows, groups, correct)
         ctx.options = options
         ctx.num_groups = num_groups
-        ctx.kernel_state = (group_loss, group_valid, scalars, work, links) if on_kernels else None
-        value = group_loss[:num_groups] if reduction == "none" else scalars[0].clone()
+        state = (group_loss, group_valid, value, mean_cosine, counts, work, links)
+        ctx.kernel_state = state if on_kernels else None
+        if reduction == "none":
+            value = group_loss[:num_groups]
         valid = group_valid[:num_groups]
-        stats = scalars[1:]
-        ctx.mark_non_differentiable(valid, stats)
-        return value, valid, stats
+        ctx.mark_non_differentiable(valid, mean_cosine, counts)
+        return value, valid, mean_cosine, counts
 
     @staticmethod
-    def backward(ctx, grad_value, _grad_valid, _grad_stats):
+    def backward(ctx, grad_value, _grad_valid, _grad_cosine, _grad_counts):
         hidden, rows, groups, correct = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
@@ -199,14 +204,14 @@ def loss(
         as_float("eps", eps),
         as_float("tau", tau),
     )
-    value, valid, stats = _AlignLoss.apply(
+    value, valid, mean_cosine, counts = _AlignLoss.apply(
         hidden, mask, rewards, group_ids, group_size, cu_seqlens, options
     )
     result = (value, valid) if reduction == "none" else value
     if not return_stats:
         return result
     return result, {
-        "mean_cosine": stats[0],
-        "valid_groups": stats[1].to(torch.int64),
-        "anchored_correct": stats[2].to(torch.int64),
+        "mean_cosine": mean_cosine,
+        "valid_groups": counts[0],
+        "anchored_correct": counts[1],
     }

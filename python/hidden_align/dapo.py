@@ -211,7 +211,8 @@ class _PolicyLoss(torch.autograd.Function):
         dev = log_prob.device
         batch = log_prob.shape[0] if log_prob.dim() == 2 else 0
         cols = log_prob.shape[1] if log_prob.dim() == 2 else 0
-        scalars = torch.empty(4, dtype=acc, device=dev)
+        loss = torch.empty((), dtype=acc, device=dev)
+        metrics = torch.empty(3, dtype=acc, device=dev)
         row_scale = torch.empty(batch, dtype=acc, device=dev)
         factor = None
         if log_prob.requires_grad:
@@ -224,15 +225,14 @@ class _PolicyLoss(torch.autograd.Function):
         chunks = max(1, -(-cols // _native.POLICY_CHUNK))
         partials = torch.empty(batch, chunks, 5, dtype=torch.float64, device=dev)
         _native.policy_loss_forward(
-            inputs, clip, *agg, scalars, row_scale, factor, norm_tensors, partials, stream
+            inputs, clip, *agg, loss, metrics, row_scale, factor, norm_tensors, partials, stream
         )
         ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
         ctx.weights = w
         ctx.clip = clip
         ctx.factor = factor
-        metrics = scalars[1:]
         ctx.mark_non_differentiable(metrics)
-        return scalars[0].clone(), metrics
+        return loss, metrics
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_metrics):

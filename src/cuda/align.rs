@@ -43,7 +43,9 @@ struct AlignParams {
     correct: u64,
     group_loss: u64,
     group_valid: u64,
-    scalars: u64,
+    loss: u64,
+    mean_cosine: u64,
+    counts: u64,
     work: u64,
     links: u64,
     upstream: Side,
@@ -53,7 +55,8 @@ struct AlignParams {
 
 /// Buffers the forward fills and the backward reads, allocated by the caller: int64 `rows`
 /// and `groups`, bool `correct`, float32 `group_loss`, bool `group_valid` (all `[B]`),
-/// float32 `scalars` `[4]`, float32 `work` `[8, B]`, int32 `links` `[2 B + 1]`.
+/// float32 `loss` and `mean_cosine` (0-d), int64 `counts` `[2]`, float32 `work` `[8, B]`, int32
+/// `links` `[2 B + 1]`.
 pub struct AlignBuffers<'a, 'b> {
     /// Flat anchor row per rollout.
     pub rows: &'b TensorRef<'a>,
@@ -65,8 +68,12 @@ pub struct AlignBuffers<'a, 'b> {
     pub group_loss: &'b TensorRef<'a>,
     /// Per-group validity.
     pub group_valid: &'b TensorRef<'a>,
-    /// Loss, mean cosine, valid groups, anchored correct.
-    pub scalars: &'b TensorRef<'a>,
+    /// The reduced loss.
+    pub loss: &'b TensorRef<'a>,
+    /// Mean pairwise cosine of correct anchors.
+    pub mean_cosine: &'b TensorRef<'a>,
+    /// Valid groups, anchored correct rollouts.
+    pub counts: &'b TensorRef<'a>,
     /// Scratch kept for the backward.
     pub work: &'b TensorRef<'a>,
     /// Group links and the block ticket.
@@ -127,7 +134,9 @@ fn base_params(
         correct: ptr(bufs.correct),
         group_loss: ptr(bufs.group_loss),
         group_valid: ptr(bufs.group_valid),
-        scalars: ptr(bufs.scalars),
+        loss: ptr(bufs.loss),
+        mean_cosine: ptr(bufs.mean_cosine),
+        counts: ptr(bufs.counts),
         work: ptr(bufs.work),
         links: ptr(bufs.links),
         upstream: Side::NONE,

@@ -6,8 +6,9 @@ use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyInputs};
 use crate::ops::groups::Grouping;
 use crate::tensor::TensorRef;
 
-/// Columns of `[B, T]` one block of the policy kernels covers.
-pub const POLICY_CHUNK: usize = 2048;
+/// Columns of `[B, T]` one block of the policy kernels covers: 4 tokens per thread, and enough
+/// blocks to fill a GPU at typical shapes (B = 64, T = 8192: 512 blocks).
+pub const POLICY_CHUNK: usize = 1024;
 /// Sums per block of the policy forward (`POLICY_SUMS`).
 pub const POLICY_SUMS: usize = 5;
 
@@ -248,7 +249,8 @@ struct PolicyReduceParams {
     global_batch_size_tensor: Side,
     loss_scale_factor: f64,
     loss_scale_factor_tensor: Side,
-    scalars: u64,
+    loss: u64,
+    metrics: u64,
     row_scale: u64,
 }
 
@@ -266,8 +268,10 @@ pub struct NormaliserTensors<'a> {
 
 /// Buffers of the policy forward, allocated by the caller.
 pub struct PolicyForwardBuffers<'a, 'b> {
-    /// float32 `[4]` out: loss and the three metrics.
-    pub scalars: &'b TensorRef<'a>,
+    /// float32 0-d out: the loss.
+    pub loss: &'b TensorRef<'a>,
+    /// float32 `[3]` out: pg_clipfrac, ppo_kl, pg_clipfrac_lower.
+    pub metrics: &'b TensorRef<'a>,
     /// float32 `[B]` out: the per-row scale of the backward.
     pub row_scale: &'b TensorRef<'a>,
     /// Optional `[B, T]` out: the per-token derivative.
@@ -317,7 +321,8 @@ pub fn policy_forward(
         global_batch_size_tensor: Side::of_opt(norms.global_batch_size.as_ref()),
         loss_scale_factor: agg.loss_scale_factor.unwrap_or(-1.0),
         loss_scale_factor_tensor: Side::of_opt(norms.loss_scale_factor.as_ref()),
-        scalars: ptr(out.scalars),
+        loss: ptr(out.loss),
+        metrics: ptr(out.metrics),
         row_scale: ptr(out.row_scale),
     };
     exec.launch(

@@ -38,6 +38,25 @@ fn close(a: &[f32], b: &[f32], tol: f32, what: &str) {
     }
 }
 
+/// A one-element slice seen as a 0-d tensor.
+fn scalar_view<'a, T: crate::tensor::HasDType>(
+    name: &'static str,
+    v: &'a mut [T],
+) -> TensorRef<'a> {
+    assert_eq!(v.len(), 1);
+    // SAFETY: the single element of a live slice borrowed for 'a.
+    unsafe {
+        TensorRef::from_raw_parts(
+            name,
+            v.as_mut_ptr().cast(),
+            T::DTYPE,
+            crate::tensor::Device::Cpu,
+            vec![],
+            vec![],
+        )
+    }
+}
+
 #[test]
 fn alignment_forward_and_backward_match_the_cpu_backend() {
     let (b, t, h) = (8usize, 3usize, 40usize);
@@ -73,7 +92,8 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
 
         let (mut rows, mut groups) = (vec![0i64; b], vec![0i64; b]);
         let (mut correct, mut valid) = (vec![false; b], vec![false; b]);
-        let (mut group_loss, mut scalars) = (vec![0f32; b], vec![0f32; 4]);
+        let (mut group_loss, mut loss, mut cosine) = (vec![0f32; b], vec![0f32], vec![0f32]);
+        let mut counts = vec![0i64; 2];
         let mut work = vec![0f32; kalign::WORK_ROWS * b];
         let mut links = vec![0i32; 2 * b + 1];
         let bufs = AlignBuffers {
@@ -82,7 +102,9 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
             correct: &TensorRef::from_slice("correct", &mut correct, &[b]),
             group_loss: &TensorRef::from_slice("group_loss", &mut group_loss, &[b]),
             group_valid: &TensorRef::from_slice("group_valid", &mut valid, &[b]),
-            scalars: &TensorRef::from_slice("scalars", &mut scalars, &[4]),
+            loss: &scalar_view("loss", &mut loss),
+            mean_cosine: &scalar_view("mean_cosine", &mut cosine),
+            counts: &TensorRef::from_slice("counts", &mut counts, &[2]),
             work: &TensorRef::from_slice("work", &mut work, &[kalign::WORK_ROWS, b]),
             links: &TensorRef::from_slice("links", &mut links, &[2 * b + 1]),
         };
@@ -132,7 +154,11 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
         );
         let cpu_loss: Vec<f32> = cpu.group_loss.iter().map(|&x| x as f32).collect();
         close(&group_loss[..2], &cpu_loss, 1e-5, loss_type);
-        close(&scalars[..1], &[cpu.loss as f32], 1e-5, loss_type);
+        close(&loss, &[cpu.loss as f32], 1e-5, loss_type);
+        assert_eq!(
+            counts,
+            [cpu.valid_groups as i64, cpu.anchored_correct as i64]
+        );
         close(&grad, &cpu_grad, 1e-4, loss_type);
     }
 }
@@ -170,44 +196,36 @@ fn policy_forward_and_backward_match_the_cpu_backend() {
         &mut scale_cpu,
         Some(&mut factor_cpu),
     );
-    let (mut scalars, mut scale, mut factor) = (vec![0f32; 4], vec![0f32; b], vec![0f32; b * t]);
+    let (mut loss, mut metrics) = (vec![0f32], vec![0f32; 3]);
+    let (mut scale, mut factor) = (vec![0f32; b], vec![0f32; b * t]);
     let chunks = kdapo::policy_chunks(t);
     let mut partials = vec![0f64; b * chunks * kdapo::POLICY_SUMS];
     {
         let factor_t = TensorRef::from_slice("factor", &mut factor, &[b, t]);
         let bufs = PolicyForwardBuffers {
-            scalars: &TensorRef::from_slice("scalars", &mut scalars, &[4]),
+            loss: &scalar_view("loss", &mut loss),
+            metrics: &TensorRef::from_slice("metrics", &mut metrics, &[3]),
             row_scale: &TensorRef::from_slice("row_scale", &mut scale, &[b]),
             factor: Some(&factor_t),
             partials: &TensorRef::from_slice("partials", &mut partials, &[b, chunks, 5]),
         };
         kdapo::policy_forward(&EMU, &inputs, (b, t), &clip, &agg, &norms, &bufs).unwrap();
     }
+    close(&loss, &[cpu.loss as f32], 1e-5, "loss");
     close(
-        &scalars,
+        &metrics,
         &[
-            cpu.loss as f32,
             cpu.pg_clipfrac as f32,
             cpu.ppo_kl as f32,
             cpu.pg_clipfrac_lower as f32,
         ],
         1e-5,
-        "scalars",
+        "metrics",
     );
     close(&scale, &scale_cpu, 1e-6, "row_scale");
     close(&factor, &factor_cpu, 1e-5, "factor");
     let mut up = vec![2.0f32];
-    // SAFETY: a single element seen as a 0-d tensor.
-    let up_t = unsafe {
-        TensorRef::from_raw_parts(
-            "grad_output",
-            up.as_mut_ptr().cast(),
-            crate::tensor::DType::F32,
-            crate::tensor::Device::Cpu,
-            vec![],
-            vec![],
-        )
-    };
+    let up_t = scalar_view("grad_output", &mut up);
     let expected: Vec<f32> = factor_cpu
         .iter()
         .enumerate()

@@ -233,7 +233,9 @@ fn check_buffers(bufs: &AlignBuffers, batch: usize) -> Result<()> {
     expect_buffer(bufs.correct, &[batch], DType::Bool)?;
     expect_buffer(bufs.group_loss, &[batch], DType::F32)?;
     expect_buffer(bufs.group_valid, &[batch], DType::Bool)?;
-    expect_buffer(bufs.scalars, &[4], DType::F32)?;
+    expect_buffer(bufs.loss, &[], DType::F32)?;
+    expect_buffer(bufs.mean_cosine, &[], DType::F32)?;
+    expect_buffer(bufs.counts, &[2], DType::I64)?;
     expect_buffer(bufs.work, &[cuda::align::WORK_ROWS, batch], DType::F32)?;
     expect_buffer(bufs.links, &[2 * batch + 1], DType::I32)
 }

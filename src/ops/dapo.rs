@@ -435,8 +435,10 @@ pub fn policy_loss_forward(
         if let Some(f) = &factor {
             cuda::expect_buffer(f, &[b, t], dtype)?;
         }
-        let scalars = kernel.scalars.ok_or_else(|| scratch_missing("scalars"))?;
-        cuda::expect_buffer(scalars, &[4], DType::F32)?;
+        let loss = kernel.loss.ok_or_else(|| scratch_missing("loss"))?;
+        cuda::expect_buffer(loss, &[], DType::F32)?;
+        let metrics = kernel.metrics.ok_or_else(|| scratch_missing("metrics"))?;
+        cuda::expect_buffer(metrics, &[3], DType::F32)?;
         let partials = kernel.partials.ok_or_else(|| scratch_missing("partials"))?;
         let chunks = policy_chunks(t);
         cuda::expect_buffer(partials, &[b, chunks, cuda::dapo::POLICY_SUMS], DType::F64)?;
@@ -461,7 +463,8 @@ pub fn policy_loss_forward(
             }
         }
         let bufs = PolicyForwardBuffers {
-            scalars,
+            loss,
+            metrics,
             row_scale,
             factor: factor.as_deref(),
             partials,
@@ -501,8 +504,10 @@ pub fn policy_loss_forward(
 
 /// What only the kernel backend of [`policy_loss_forward`] needs.
 pub struct PolicyKernelArgs<'a, 'b> {
-    /// float32 `[4]` out: loss and metrics, written on the device.
-    pub scalars: Option<&'b TensorRef<'a>>,
+    /// float32 0-d out: the loss, written on the device.
+    pub loss: Option<&'b TensorRef<'a>>,
+    /// float32 `[3]` out: the metrics, written on the device.
+    pub metrics: Option<&'b TensorRef<'a>>,
     /// float64 `[B, policy_chunks(T), 5]` scratch.
     pub partials: Option<&'b TensorRef<'a>>,
     /// Normalisers given as device tensors.

@@ -32,14 +32,15 @@ fn write_i64(out: &mut TensorRef, vals: impl Iterator<Item = i64>) -> Result<()>
 ///
 /// Outputs: `out_rows`/`out_groups` int64 `[B]` and `out_correct` bool `[B]` (the plan the
 /// backward needs), `out_group_loss` `[B]` and `out_group_valid` bool `[B]` (first G
-/// entries used), `out_scalars` `[4]` = loss, mean cosine, valid groups, anchored correct.
+/// entries used), `out_loss` and `out_mean_cosine` (0-d, float32 or float64 for float64
+/// hidden), `out_counts` int64 `[2]` = valid groups, anchored correct rollouts.
 /// The kernel backend also fills `work` (float32 `[8, B]`) and `links` (int32 `[2 B + 1]`),
 /// which its backward reads.
 #[pyfunction]
 #[pyo3(signature = (hidden, mask, rewards, group_ids, group_size, cu_seqlens, loss_type,
                     reduction, threshold, eps, tau, out_rows, out_groups, out_correct,
-                    out_group_loss, out_group_valid, out_scalars, work=None, links=None,
-                    stream=None))]
+                    out_group_loss, out_group_valid, out_loss, out_mean_cosine, out_counts,
+                    work=None, links=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn align_forward(
     py: Python<'_>,
@@ -59,7 +60,9 @@ pub fn align_forward(
     out_correct: &Bound<'_, PyAny>,
     out_group_loss: &Bound<'_, PyAny>,
     out_group_valid: &Bound<'_, PyAny>,
-    out_scalars: &Bound<'_, PyAny>,
+    out_loss: &Bound<'_, PyAny>,
+    out_mean_cosine: &Bound<'_, PyAny>,
+    out_counts: &Bound<'_, PyAny>,
     work: Option<&Bound<'_, PyAny>>,
     links: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
@@ -75,7 +78,9 @@ pub fn align_forward(
         import_on(out_correct, "out_correct", stream)?,
         import_on(out_group_loss, "out_group_loss", stream)?,
         import_on(out_group_valid, "out_group_valid", stream)?,
-        import_on(out_scalars, "out_scalars", stream)?,
+        import_on(out_loss, "out_loss", stream)?,
+        import_on(out_mean_cosine, "out_mean_cosine", stream)?,
+        import_on(out_counts, "out_counts", stream)?,
     ];
     let work = import_opt_on(work, "work", stream)?;
     let links = import_opt_on(links, "links", stream)?;
@@ -111,7 +116,9 @@ pub fn align_forward(
                 correct: &v[2],
                 group_loss: &v[3],
                 group_valid: &v[4],
-                scalars: &v[5],
+                loss: &v[5],
+                mean_cosine: &v[6],
+                counts: &v[7],
                 work: &work,
                 links: &links,
             };
@@ -140,20 +147,19 @@ pub fn align_forward(
         write_bools(&mut v[2], &plan.correct)?;
         write_floats(&mut v[3], fwd.group_loss.iter().copied())?;
         write_bools(&mut v[4], &fwd.group_valid)?;
-        let scalars = [
-            fwd.loss,
-            fwd.mean_cosine,
-            fwd.valid_groups as f64,
-            fwd.anchored_correct as f64,
-        ];
-        write_floats(&mut v[5], scalars.into_iter())?;
+        write_floats(&mut v[5], [fwd.loss].into_iter())?;
+        write_floats(&mut v[6], [fwd.mean_cosine].into_iter())?;
+        let counts = [fwd.valid_groups as i64, fwd.anchored_correct as i64];
+        write_i64(&mut v[7], counts.into_iter())?;
         Ok((plan.num_groups, false))
     })
 }
 
-/// The forward's state the kernel backend's backward reads: `(group_loss, group_valid,
-/// scalars, work, links)`.
+/// The forward's buffers, which the kernel backend's backward reads: `(group_loss, group_valid,
+/// loss, mean_cosine, counts, work, links)`.
 type KernelState<'py> = (
+    Bound<'py, PyAny>,
+    Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
     Bound<'py, PyAny>,
@@ -188,10 +194,12 @@ pub fn align_backward(
     stream: Option<usize>,
 ) -> PyResult<()> {
     let state = match &kernel_state {
-        Some((loss, valid, scalars, work, links)) => Some([
-            import_on(loss, "group_loss", stream)?,
+        Some((group_loss, valid, loss, cosine, counts, work, links)) => Some([
+            import_on(group_loss, "group_loss", stream)?,
             import_on(valid, "group_valid", stream)?,
-            import_on(scalars, "scalars", stream)?,
+            import_on(loss, "loss", stream)?,
+            import_on(cosine, "mean_cosine", stream)?,
+            import_on(counts, "counts", stream)?,
             import_on(work, "work", stream)?,
             import_on(links, "links", stream)?,
         ]),
@@ -224,9 +232,11 @@ pub fn align_backward(
                 correct: &correct,
                 group_loss: &s[0],
                 group_valid: &s[1],
-                scalars: &s[2],
-                work: &s[3],
-                links: &s[4],
+                loss: &s[2],
+                mean_cosine: &s[3],
+                counts: &s[4],
+                work: &s[5],
+                links: &s[6],
             };
             let centre = view_opt(&centre)?
                 .ok_or_else(|| crate::error::Error::value("centre", "a scratch tensor", "None"))?;

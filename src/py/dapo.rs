@@ -162,14 +162,14 @@ fn normaliser(
     }
 }
 
-/// Forward of the clipped policy loss. Fills `out_scalars` (`[4]`: loss, pg_clipfrac, ppo_kl,
-/// pg_clipfrac_lower), `out_row_scale` (`[B]`, read by the backward) and, when given,
+/// Forward of the clipped policy loss. Fills `out_loss` (0-d), `out_metrics` (`[3]`:
+/// pg_clipfrac, ppo_kl, pg_clipfrac_lower), `out_row_scale` (`[B]`, read by the backward) and, when given,
 /// `out_factor` (`[B, T]`: the per-token derivative the backward scales in place).
 /// `norm_tensors` overrides the numbers of the same names; `partials` is the kernel
 /// backend's scratch (`[B, policy_chunks(T), 5]` float64).
 #[pyfunction]
 #[pyo3(signature = (inputs, clip, loss_agg_mode, batch_num_tokens, dp_size, global_batch_size,
-                    loss_scale_factor, out_scalars, out_row_scale, out_factor,
+                    loss_scale_factor, out_loss, out_metrics, out_row_scale, out_factor,
                     norm_tensors=(None, None, None), partials=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn policy_loss_forward(
@@ -181,7 +181,8 @@ pub fn policy_loss_forward(
     dp_size: i64,
     global_batch_size: Option<f64>,
     loss_scale_factor: Option<f64>,
-    out_scalars: &Bound<'_, PyAny>,
+    out_loss: &Bound<'_, PyAny>,
+    out_metrics: &Bound<'_, PyAny>,
     out_row_scale: &Bound<'_, PyAny>,
     out_factor: Option<&Bound<'_, PyAny>>,
     norm_tensors: NormaliserArgs<'_>,
@@ -190,7 +191,8 @@ pub fn policy_loss_forward(
 ) -> PyResult<()> {
     let args = PolicyArgs::import(&inputs, stream)?;
     let out = import_on(out_row_scale, "out_row_scale", stream)?;
-    let scalars = import_on(out_scalars, "out_scalars", stream)?;
+    let loss = import_on(out_loss, "out_loss", stream)?;
+    let metrics = import_on(out_metrics, "out_metrics", stream)?;
     let factor = import_opt_on(out_factor, "out_factor", stream)?;
     let partials = import_opt_on(partials, "partials", stream)?;
     let bnt = import_opt_on(norm_tensors.0.as_ref(), "batch_num_tokens", stream)?;
@@ -215,10 +217,11 @@ pub fn policy_loss_forward(
             loss_scale_factor: lsf,
         };
         let mut factor = view_opt(&factor)?;
-        let mut scalars = scalars.view()?;
+        let (mut loss, mut metrics) = (loss.view()?, metrics.view()?);
         let partials = view_opt(&partials)?;
         let kernel = PolicyKernelArgs {
-            scalars: Some(&scalars),
+            loss: Some(&loss),
+            metrics: Some(&metrics),
             partials: partials.as_ref(),
             norms: &norms,
             stream,
@@ -233,8 +236,9 @@ pub fn policy_loss_forward(
         )?;
         match host {
             Some(f) => {
-                let values = [f.loss, f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
-                write_floats(&mut scalars, values.into_iter())
+                write_floats(&mut loss, [f.loss].into_iter())?;
+                let values = [f.pg_clipfrac, f.ppo_kl, f.pg_clipfrac_lower];
+                write_floats(&mut metrics, values.into_iter())
             }
             None => Ok(()),
         }
