@@ -250,8 +250,8 @@ def test_policy_loss_matches_reference(emulated, mode, norm, per_rollout_adv):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_policy_loss_dtypes_weights_garbage_and_chunks(emulated, dtype):
-    # 2100 columns: three column chunks per row (the last partial); an interior (non-prefix) mask; weights; NaN at
-    # masked positions.
+    # 2100 columns: three column chunks per row (the last partial); an interior (non-prefix)
+    # mask; weights; NaN at masked positions.
     logp, old, adv, mask = policy_case(batch=3, seq=2100, dtype=dtype, masked_rows=(1,))
     mask = mask & (torch.rand(mask.shape) > 0.2)
     weights = torch.rand(logp.shape).to(dtype)

@@ -174,6 +174,11 @@ def loss(
     A NaN or inf in a participating anchor row makes the loss NaN; no other element of
     ``hidden`` is read. Double backward is not supported and raises.
 
+    CUDA tensors run the CUDA kernels without host synchronisation. Checks that need the data
+    (an index out of range, two anchors in one mask row, malformed ``cu_seqlens``) then make the
+    loss NaN instead of raising. ``reduction="none"`` with ``group_ids`` reads the number of
+    groups on the host.
+
     Example:
         >>> h = torch.randn(4, 6, 8, requires_grad=True)
         >>> anchors = torch.tensor([2, 3, -1, 5])

@@ -296,6 +296,9 @@ def policy_loss(
         global_batch_size: global sequence count for ``seq-mean-*`` (required if dp_size > 1).
         loss_scale_factor: divisor of ``seq-mean-token-sum-norm`` (default T).
 
+    The three normalisers take a number or a one-element tensor; on CUDA a tensor is read by
+    the kernel on the device (no host synchronisation; its value is not validated there).
+
     Returns:
         ``(loss, metrics)``: a 0-d float32 loss (float64 for float64 inputs) and a dict of 0-d
         tensors ``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower`` (no ``.item()``).

@@ -9,8 +9,9 @@ pub mod rows;
 use crate::error::{Error, Result};
 use crate::tensor::{Device, TensorRef};
 
-/// Fails unless every tensor in `others` is on the device of `first`, and that device has a
-/// backend in this build (the CPU).
+/// Fails unless every tensor in `others` is on the device of `first` and that device is the
+/// CPU: the check of the CPU backend's entry points (`cuda::select` routes CUDA tensors to the
+/// kernels before they get here).
 pub(crate) fn same_cpu_device(first: &TensorRef, others: &[Option<&TensorRef>]) -> Result<()> {
     for t in others.iter().flatten() {
         if t.device() != first.device() {
@@ -26,7 +27,7 @@ pub(crate) fn same_cpu_device(first: &TensorRef, others: &[Option<&TensorRef>]) 
     }
     Err(Error::CudaUnavailable {
         reason: format!(
-            "{} is on {}, but this build runs on CPU tensors only; move the tensors to the CPU",
+            "{} is on {}, but the CPU backend runs on CPU tensors only",
             first.name(),
             first.device()
         ),
