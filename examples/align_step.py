@@ -3,7 +3,8 @@
 Eight prompts x four rollouts; each rollout is a random token sequence in which the answer
 marker (token MARKER) appears at a random position, or not at all. The anchor is the token
 right before the marker's last occurrence. The step adds `0.1 * hidden_align.loss` to a
-language-model loss and prints the alignment loss, its statistics and the gradient norm.
+language-model loss and prints the alignment loss, its statistics and the gradient norm. It
+runs on the GPU (the CUDA kernels) when one is usable, else on the CPU.
 """
 
 import torch
@@ -24,7 +25,9 @@ class TinyLM(nn.Module):
         self.head = nn.Linear(DIM, VOCAB)
 
     def forward(self, tokens):
-        causal = nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+        causal = nn.Transformer.generate_square_subsequent_mask(
+            tokens.shape[1], device=tokens.device
+        )
         hidden = self.norm(self.blocks(self.embed(tokens), mask=causal, is_causal=True))
         return hidden, self.head(hidden)
 
@@ -32,7 +35,7 @@ class TinyLM(nn.Module):
 def anchors_before_marker(tokens: torch.Tensor, marker: int) -> torch.Tensor:
     """Index of the token before the marker's last occurrence per row; -1 without a marker."""
     hit = tokens == marker
-    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
     last = torch.where(hit, positions, -1).amax(dim=1)
     return torch.where(last >= 1, last - 1, -1)
 
@@ -47,6 +50,8 @@ def main():
     tokens[has_marker, where[has_marker]] = MARKER
     rewards = torch.where(torch.rand(batch) < 0.6, 1.0, -1.0)  # DAPO scores
     uid = torch.arange(PROMPTS).repeat_interleave(ROLLOUTS)[torch.randperm(batch)]  # any order
+    device = "cuda" if torch.cuda.is_available() and ha.cuda_status()["available"] else "cpu"
+    model, tokens, rewards, uid = (x.to(device) for x in (model, tokens, rewards, uid))
 
     hidden, logits = model(tokens)
     lm_loss = nn.functional.cross_entropy(
@@ -59,7 +64,7 @@ def main():
     grad_norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters()))
     print(
         f"hidden_align {ha.__version__}: hidden {tuple(hidden.shape)}, "
-        f"{PROMPTS} prompts x {ROLLOUTS} rollouts"
+        f"{PROMPTS} prompts x {ROLLOUTS} rollouts, on {device}"
     )
     print(f"lm loss             {lm_loss.item():.4f}")
     print(f"alignment loss      {align.item():.4f}")

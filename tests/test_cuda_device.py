@@ -15,10 +15,13 @@ from hidden_align import dapo
 from cases import make_case
 
 STATUS = ha.cuda_status()
-pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and STATUS["available"]),
-    reason=f"no usable CUDA device: {STATUS.get('reason') or 'torch sees no GPU'}",
-)
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and STATUS["available"]),
+        reason=f"no usable CUDA device: {STATUS.get('reason') or 'torch sees no GPU'}",
+    ),
+]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
