@@ -116,13 +116,15 @@ HA_DEVICE int64_t find_anchor(const AlignParams& p, int64_t b, int64_t* ired) {
 // Per rollout b: its anchor row, correctness, the next member of its group and whether it
 // leads the group; for each anchored row taking part, 1 / max(||h||, eps), ||u||^2 and the
 // clamp flag. Block 0 also resets the ticket of align_groups.
-// Grid: (B); block: HA_BLOCK threads strided over T (mask scan), B (group scan) and H (norms).
+// Grid: (max(B, 1)); block: HA_BLOCK threads strided over T (mask scan), B (group scan) and H
+// (norms).
 template <class T>
 HA_DEVICE void align_prepare(const AlignParams& p) {
     __shared__ int64_t ired[HA_WARPS];
     __shared__ float fred[HA_WARPS];
     const int64_t b = blockIdx.x, nb = p.batch;
     if (b == 0 && threadIdx.x == 0) p.links[2 * nb] = 0;
+    if (b >= nb) return;  // the one block of an empty batch only resets the ticket
     const int64_t row = find_anchor(p, b, ired);
     const double reward = load_as_double(p.rewards.p, p.rewards.code, b * p.rewards.stride);
     // NaN compares false: a NaN-scored rollout counts as incorrect.
@@ -347,14 +349,15 @@ HA_DEVICE void finish_forward(const AlignParams& p, int64_t* ired, float* fred) 
 // Per-group losses, then the reduction. Block b does the work of the group b leads (others
 // have none); then it takes a ticket, and the block that takes the last one reduces over the
 // groups in dense order (deterministic, no float atomics). align_prepare reset the ticket.
-// Grid: (B); block: HA_BLOCK threads strided over H (one warp per anchor for contrastive).
+// Grid: (max(B, 1)): an empty batch still gets its (zero) loss written; block: HA_BLOCK threads
+// strided over H (one warp per anchor for contrastive).
 template <class T>
 HA_DEVICE void align_groups(const AlignParams& p) {
     __shared__ int64_t ired[HA_WARPS];
     __shared__ float fred[HA_WARPS];
     __shared__ int last;
     const int64_t b = blockIdx.x;
-    if (is_leader(p, b)) group_forward<T>(p, b, ired, fred);
+    if (b < p.batch && is_leader(p, b)) group_forward<T>(p, b, ired, fred);
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();  // this block's results are visible before its ticket is

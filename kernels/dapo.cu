@@ -235,12 +235,13 @@ HA_DEVICE float load_token(const PolicyParams& p, int64_t r, int64_t c, float* l
 
 // Per token: l = loss w m, kl = -d m, clipped m, clipped_lower m, and (when `factor` is given)
 // factor[r, c] = T(m w dl/dlog_prob). Per block: the five sums, in double.
-// Grid: (ceil(T / chunk), B); block (x, r) covers columns [x chunk, (x + 1) chunk) of row r,
-// HA_BLOCK threads strided over them; partials[(r chunks + x) 5 + q].
+// Grid: (B, ceil(T / chunk)) (rows on x: no 65535 limit on B); block (r, x) covers columns
+// [x chunk, (x + 1) chunk) of row r, HA_BLOCK threads strided over them;
+// partials[(r chunks + x) 5 + q].
 template <class T>
 HA_DEVICE void policy_forward(const PolicyParams& p) {
     __shared__ double red[HA_WARPS];
-    const int64_t r = blockIdx.y, x = blockIdx.x;
+    const int64_t r = blockIdx.x, x = blockIdx.y;
     const int64_t c0 = x * p.chunk;
     const int64_t c1 = c0 + p.chunk < p.cols ? c0 + p.chunk : p.cols;
     float sums[POLICY_SUMS] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
@@ -255,7 +256,7 @@ HA_DEVICE void policy_forward(const PolicyParams& p) {
         sums[4] += t.clipped_lower * m;
         if (p.factor != nullptr) static_cast<T*>(p.factor)[r * p.cols + c] = from_float<T>(t.grad * w * m);
     }
-    const int64_t chunks = gridDim.x;
+    const int64_t chunks = gridDim.y;
     for (int q = 0; q < POLICY_SUMS; ++q) {
         const double s = block_sum(static_cast<double>(sums[q]), red);
         if (threadIdx.x == 0) p.partials[(r * chunks + x) * POLICY_SUMS + q] = s;
@@ -343,11 +344,11 @@ HA_EXPORT_KERNEL(dapo_policy_reduce, PolicyReduceParams)
 // grad[r, c] = T(factor[r, c] * (up * scale[r])) in place when the forward saved the factor,
 // else T(up * scale[r] * m * w * dl/dlog_prob) recomputed from the inputs; `up` is the
 // upstream gradient read from device memory.
-// Grid: (ceil(T / chunk), B) as the forward; threads strided over the block's columns.
+// Grid: (B, ceil(T / chunk)) as the forward; threads strided over the block's columns.
 template <class T>
 HA_DEVICE void policy_backward(const PolicyParams& p) {
-    const int64_t r = blockIdx.y;
-    const int64_t c0 = static_cast<int64_t>(blockIdx.x) * p.chunk;
+    const int64_t r = blockIdx.x;
+    const int64_t c0 = static_cast<int64_t>(blockIdx.y) * p.chunk;
     const int64_t c1 = c0 + p.chunk < p.cols ? c0 + p.chunk : p.cols;
     const float up = static_cast<float>(load_as_double(p.upstream.p, p.upstream.code, 0));
     const float row_up = up * p.row_scale[r];

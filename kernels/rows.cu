@@ -17,18 +17,18 @@ struct ScatterRowsParams {
 
 // dst[rows[j], c] = T(dst[rows[j], c] + vals[j, c]), repeated rows accumulated in order of j
 // with a rounding after each addition (as the CPU backend). Out-of-range rows are skipped.
-// Grid: (ceil(H / HA_BLOCK), k); block (x, j) owns columns x*HA_BLOCK.. of row rows[j] and
+// Grid: (k, ceil(H / HA_BLOCK)); block (j, y) owns columns y*HA_BLOCK.. of row rows[j] and
 // does the work only when j is the first occurrence of that row, so no two blocks touch the
 // same element. Threads past H return early.
 template <class T>
 HA_DEVICE void scatter_add_rows(const ScatterRowsParams& p) {
-    const int64_t j = blockIdx.y;
+    const int64_t j = blockIdx.x;
     const int64_t r = p.rows[j];
     if (r < 0 || r >= p.num_rows) return;
     for (int64_t e = 0; e < j; ++e) {
         if (p.rows[e] == r) return;
     }
-    const int64_t c = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
+    const int64_t c = static_cast<int64_t>(blockIdx.y) * HA_BLOCK + threadIdx.x;
     if (c >= p.hidden_size) return;
     T* dst = static_cast<T*>(p.dst) + (r / p.inner) * p.outer_stride +
              (r % p.inner) * p.inner_stride + c * p.feature_stride;

@@ -53,6 +53,7 @@ def compile_ptx(nvrtc: ctypes.CDLL, name: str, source: str, arch: int) -> bytes:
     if rc != 0:
         sys.exit(f"nvrtcCreateProgram({name}) failed: {rc}")
     opts = [f"--gpu-architecture=compute_{arch}".encode()]
+    opts += [o.encode() for o in _native.NVRTC_OPTIONS]
     rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

@@ -22,7 +22,7 @@ mod _native {
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
     #[pymodule_export]
     use crate::py::backend::{
-        compile_kernels, cuda_status, get_backend, kernel_programs, set_backend,
+        compile_kernels, cuda_status, get_backend, kernel_programs, prepare_cuda, set_backend,
     };
     #[pymodule_export]
     use crate::py::dapo::{
@@ -35,6 +35,7 @@ mod _native {
         use pyo3::types::PyModuleMethods;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("POLICY_CHUNK", crate::cuda::dapo::POLICY_CHUNK)?;
-        m.add("ALIGN_WORK_ROWS", crate::cuda::align::WORK_ROWS)
+        m.add("ALIGN_WORK_ROWS", crate::cuda::align::WORK_ROWS)?;
+        m.add("NVRTC_OPTIONS", crate::cuda::NVRTC_OPTIONS.to_vec())
     }
 }

@@ -190,6 +190,35 @@ def test_no_anchors_and_no_valid_group(emulated):
     assert torch.count_nonzero(h.grad) == 0
 
 
+def test_empty_batch_writes_its_results(emulated):
+    # An empty batch launches one block, so the (recycled, on a GPU) outputs are written.
+    for reduction in ("mean", "sum"):
+        h = torch.randn(0, 5, 8, requires_grad=True)
+        loss, stats = ha.loss(
+            h,
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0),
+            group_size=1,
+            reduction=reduction,
+            return_stats=True,
+        )
+        assert loss.item() == 0.0 and torch.isnan(stats["mean_cosine"])
+        assert stats["valid_groups"].item() == 0 and stats["anchored_correct"].item() == 0
+        loss.backward()
+    loss, metrics = dapo.policy_loss(
+        torch.zeros(0, 7), torch.zeros(0, 7), torch.zeros(0), torch.zeros(0, 7)
+    )
+    assert loss.item() == 0.0 and all(v.item() == 0.0 for v in metrics.values())
+
+
+def test_scatter_add_rows_rejects_overlapping_rows():
+    from hidden_align import _native
+
+    dst = torch.zeros(1, 4).expand(3, 4)  # three rows sharing one storage row
+    with pytest.raises(ha.ArgumentError, match="overlapping"):
+        _native.scatter_add_rows(dst, torch.tensor([0, 1]), torch.ones(2, 4))
+
+
 def test_scatter_add_rows_duplicates_and_skips(emulated):
     from hidden_align import _native
 

@@ -6,7 +6,7 @@ pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_m
 """
 
 from . import dapo
-from ._backend import backend, cuda_status, get_backend, set_backend
+from ._backend import backend, cuda_status, get_backend, prepare_cuda, set_backend
 from ._native import __version__
 from .align import loss
 from .errors import (
@@ -33,5 +33,6 @@ __all__ = [
     "dapo",
     "get_backend",
     "loss",
+    "prepare_cuda",
     "set_backend",
 ]

@@ -24,22 +24,20 @@ _nvrtc: dict = {"tried": False, "path": None, "error": None}
 
 
 def _nvrtc_candidates() -> list[str]:
-    """Where pip-installed CUDA wheels put ``libnvrtc.so.*``, newest CUDA first."""
-    roots = []
-    for entry in sys.path:
-        if entry and os.path.isdir(os.path.join(entry, "nvidia")):
-            roots.append(os.path.join(entry, "nvidia"))
-    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    patterns = []
-    for root in roots:
-        patterns += [
-            os.path.join(root, "cu13", "lib", "libnvrtc.so.13*"),
-            os.path.join(root, "cuda_nvrtc", "lib", "libnvrtc.so.1[23]*"),
-        ]
-    patterns.append(os.path.join(torch_lib, "libnvrtc*.so*"))
+    """Where pip-installed CUDA wheels put ``libnvrtc.so.<major>``: the CUDA major version
+    PyTorch was built with first (its NVRTC knows PyTorch's GPUs and suits the driver PyTorch
+    needs), then any other."""
+    roots = [
+        os.path.join(entry, "nvidia")
+        for entry in sys.path
+        if entry and os.path.isdir(os.path.join(entry, "nvidia"))
+    ]
     found = []
-    for pattern in patterns:
-        found += sorted(p for p in glob.glob(pattern) if "builtins" not in p)
+    for root in roots:
+        found += glob.glob(os.path.join(root, "cu1[0-9]", "lib", "libnvrtc.so.1[0-9]"))
+        found += glob.glob(os.path.join(root, "cuda_nvrtc", "lib", "libnvrtc.so.1[0-9]"))
+    major = (torch.version.cuda or "").split(".")[0]
+    found = sorted(set(found), key=lambda p: (not p.endswith(f".so.{major}"), p))
     return found
 
 
@@ -96,6 +94,16 @@ def backend(name: str) -> Iterator[None]:
         yield
     finally:
         set_backend(previous)
+
+
+def prepare_cuda(device=None) -> None:
+    """Compiles (or takes from the on-disk cache) and loads the CUDA kernels on ``device``
+    (default: the current CUDA device) now instead of at the first call. Call it before
+    capturing a CUDA graph: loading a module is not allowed during capture."""
+    device = torch.device("cuda") if device is None else torch.device(device)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    _load_nvrtc()
+    _native.prepare_cuda(index)
 
 
 def cuda_status() -> dict:

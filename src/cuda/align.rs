@@ -159,7 +159,7 @@ pub struct AlignInputs<'a, 'b> {
     pub cu_seqlens: Option<&'b TensorRef<'a>>,
 }
 
-/// Forward in two launches (`align_prepare`, `align_groups`), both over B blocks. Shapes and
+/// Forward in two launches (`align_prepare`, `align_groups`), both over max(B, 1) blocks. Shapes and
 /// dtypes were checked by the caller.
 pub fn forward(
     exec: &Executor,
@@ -193,7 +193,8 @@ pub fn forward(
         Grouping::Size(g) => p.group_size = *g as i64,
     }
     let dtype = suffix(hidden.dtype());
-    let grid = Grid::blocks(batch)?;
+    // One block even for B = 0, so that the loss and counts are written.
+    let grid = Grid::blocks(batch.max(1))?;
     exec.launch(
         Family::AnchorAlign,
         &format!("align_prepare_{dtype}"),

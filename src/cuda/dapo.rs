@@ -230,7 +230,7 @@ impl PolicyParams {
     }
 
     fn grid(&self) -> Result<Grid> {
-        Grid::blocks_2d(policy_chunks(self.cols as usize), self.batch as usize)
+        Grid::blocks_2d(self.batch as usize, policy_chunks(self.cols as usize))
     }
 }
 

@@ -184,7 +184,8 @@ fn cache_dir() -> Option<std::path::PathBuf> {
 }
 
 /// Compiles `family` to a CUBIN for `sm_<arch>` (e.g. 90) through the on-disk cache, keyed by
-/// the program's hash, the architecture and the NVRTC version. Needs NVRTC, not a GPU.
+/// a hash of the program and the options, the architecture and the NVRTC version. Needs NVRTC,
+/// not a GPU.
 pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
     let program = family.program();
     let (major, minor) = nvrtc_version().ok_or_else(|| Error::CudaUnavailable {
@@ -193,7 +194,7 @@ pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
     let key = format!(
         "{}-{:016x}-sm_{arch}-nvrtc{major}.{minor}.cubin",
         family.file().trim_end_matches(".cu"),
-        fnv1a(&program)
+        fnv1a(&format!("{program}\n{:?}", super::NVRTC_OPTIONS))
     );
     let cached = cache_dir().map(|d| d.join(&key));
     if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok())
@@ -220,7 +221,9 @@ pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
 }
 
 fn nvrtc_cubin(family: Family, program: &str, arch: u32) -> Result<Vec<u8>> {
-    let option = format!("--gpu-architecture=sm_{arch}");
+    let arch_option = format!("--gpu-architecture=sm_{arch}");
+    let mut options = vec![arch_option.as_str()];
+    options.extend_from_slice(super::NVRTC_OPTIONS);
     let failed = |what: &str, detail: String| Error::Kernel {
         op: "NVRTC",
         message: format!(
@@ -233,7 +236,7 @@ fn nvrtc_cubin(family: Family, program: &str, arch: u32) -> Result<Vec<u8>> {
     let prog = nres::create_program(&source, Some(&name))
         .map_err(|e| failed("nvrtcCreateProgram", format!("{e:?}")))?;
     // SAFETY: a live program and plain option strings.
-    let compiled = unsafe { nres::compile_program(prog, &[option.as_str()]) };
+    let compiled = unsafe { nres::compile_program(prog, &options) };
     let result = match compiled {
         Err(e) => {
             // SAFETY: the program is live.
@@ -269,6 +272,20 @@ fn cubin_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
     Ok(cubin)
 }
 
+/// The loaded module of `family` on device `ordinal` (its context current), compiled on first
+/// use.
+fn module(cache: &mut Cache, ordinal: i32, family: Family) -> Result<dsys::CUmodule> {
+    if let Some(&m) = cache.modules.get(&(ordinal, family)) {
+        return Ok(m as dsys::CUmodule);
+    }
+    let cubin = compile(ordinal, family)?;
+    // SAFETY: a complete CUBIN image for this device, with its context current.
+    let m = unsafe { dres::module::load_data(cubin.as_ptr() as *const c_void) }
+        .map_err(driver_error("cuModuleLoadData"))?;
+    cache.modules.insert((ordinal, family), m as usize);
+    Ok(m)
+}
+
 fn function(
     cache: &mut Cache,
     ordinal: i32,
@@ -278,17 +295,7 @@ fn function(
     if let Some(&f) = cache.functions.get(&(ordinal, kernel.to_owned())) {
         return Ok(f as dsys::CUfunction);
     }
-    let module = match cache.modules.get(&(ordinal, family)) {
-        Some(&m) => m as dsys::CUmodule,
-        None => {
-            let cubin = compile(ordinal, family)?;
-            // SAFETY: a complete CUBIN image for this device, with its context current.
-            let m = unsafe { dres::module::load_data(cubin.as_ptr() as *const c_void) }
-                .map_err(driver_error("cuModuleLoadData"))?;
-            cache.modules.insert((ordinal, family), m as usize);
-            m
-        }
-    };
+    let module = module(cache, ordinal, family)?;
     let name = CString::new(kernel).expect("kernel names have no NUL");
     // SAFETY: a loaded module and a NUL-terminated name.
     let f = unsafe { dres::module::get_function(module, name) }
@@ -297,6 +304,53 @@ fn function(
         .functions
         .insert((ordinal, kernel.to_owned()), f as usize);
     Ok(f)
+}
+
+/// Makes the primary context of a device current for a scope and puts back whatever was
+/// current before: the CUDA runtime (and so PyTorch's idea of the current device) follows the
+/// current context, which a launch on another device must not change.
+struct ContextScope {
+    previous: Option<dsys::CUcontext>,
+    switched: bool,
+}
+
+impl ContextScope {
+    fn enter(ctx: dsys::CUcontext) -> Result<Self> {
+        let previous = dres::ctx::get_current().map_err(driver_error("cuCtxGetCurrent"))?;
+        let switched = previous != Some(ctx);
+        if switched {
+            // SAFETY: the retained primary context of the tensors' device.
+            unsafe { dres::ctx::set_current(ctx) }.map_err(driver_error("cuCtxSetCurrent"))?;
+        }
+        Ok(ContextScope { previous, switched })
+    }
+}
+
+impl Drop for ContextScope {
+    fn drop(&mut self) {
+        if self.switched {
+            let previous = self.previous.unwrap_or(std::ptr::null_mut());
+            // SAFETY: the context that was current on entry (or none), still alive: contexts
+            // this process retains are never destroyed.
+            let _ = unsafe { dres::ctx::set_current(previous) };
+        }
+    }
+}
+
+/// Compiles (or takes from the disk cache) and loads every kernel family on device `ordinal`,
+/// so that no later call does it: needed before capturing a CUDA graph, where loading a
+/// module is not allowed.
+pub fn prepare(ordinal: i32) -> Result<()> {
+    ensure_init()?;
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ctx = context(&mut cache, ordinal)?;
+    let _scope = ContextScope::enter(ctx)?;
+    for family in Family::ALL {
+        module(&mut cache, ordinal, family)?;
+    }
+    Ok(())
 }
 
 /// Launches `kernel` with its parameter block on `stream` of device `ordinal`; returns as
@@ -310,17 +364,13 @@ pub fn launch(
     params: *const c_void,
 ) -> Result<()> {
     ensure_init()?;
-    let f = {
-        let mut cache = CACHE
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let ctx = context(&mut cache, ordinal)?;
-        if dres::ctx::get_current().map_err(driver_error("cuCtxGetCurrent"))? != Some(ctx) {
-            // SAFETY: the retained primary context of the tensors' device.
-            unsafe { dres::ctx::set_current(ctx) }.map_err(driver_error("cuCtxSetCurrent"))?;
-        }
-        function(&mut cache, ordinal, family, kernel)?
-    };
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ctx = context(&mut cache, ordinal)?;
+    let _scope = ContextScope::enter(ctx)?;
+    let f = function(&mut cache, ordinal, family, kernel)?;
+    drop(cache);
     let mut args = [params as *mut c_void];
     let [x, y, z] = grid.blocks;
     // SAFETY: `f` takes exactly one parameter, the struct `params` points to (its #[repr(C)]

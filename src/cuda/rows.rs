@@ -44,7 +44,7 @@ pub fn scatter_add(
         inner_stride: space.inner_stride as i64,
         feature_stride: space.feature_stride as i64,
     };
-    let grid = Grid::blocks_2d(space.hidden_size.div_ceil(BLOCK as usize), k)?;
+    let grid = Grid::blocks_2d(k, space.hidden_size.div_ceil(BLOCK as usize))?;
     let kernel = format!("scatter_add_rows_{}", suffix(dst.dtype()));
     exec.launch(Family::Rows, &kernel, grid, &params)
 }

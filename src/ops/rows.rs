@@ -21,7 +21,10 @@ pub fn scatter_add(
     stream: Option<usize>,
 ) -> Result<()> {
     let space = RowSpace::of(dst)?;
-    if space.hidden_size > 1 && space.feature_stride == 0 {
+    let expanded = (space.hidden_size > 1 && space.feature_stride == 0)
+        || (space.inner > 1 && space.inner_stride == 0)
+        || (!space.packed && space.rows > space.inner && space.outer_stride == 0);
+    if expanded {
         return Err(Error::value(
             "dst",
             "a tensor without overlapping elements",

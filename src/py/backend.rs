@@ -65,3 +65,10 @@ pub fn compile_kernels(py: Python<'_>, arch: u32) -> PyResult<Vec<(&'static str,
             .collect()
     })
 }
+
+/// Compiles (or takes from the disk cache) and loads every kernel family on CUDA device
+/// `ordinal`, ahead of CUDA graph capture.
+#[pyfunction]
+pub fn prepare_cuda(py: Python<'_>, ordinal: i32) -> PyResult<()> {
+    super::errors::run(py, "prepare_cuda", move || cuda::driver::prepare(ordinal))
+}
