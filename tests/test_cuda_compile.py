@@ -25,6 +25,14 @@ def test_every_family_compiles_for_sm80_and_sm90_and_is_cached(tmp_path, monkeyp
     assert all(name.endswith(".cubin") and "-sm_" in name for name in cached)
 
 
+def test_ptx_for_devices_newer_than_nvrtc(tmp_path, monkeypatch):
+    # The fallback when NVRTC predates the GPU: PTX for the newest arch it knows.
+    monkeypatch.setenv("HIDDEN_ALIGN_CACHE_DIR", str(tmp_path))
+    built = dict(_native.compile_kernels(90, ptx=True))
+    assert all(size > 1000 for size in built.values())
+    assert all(p.name.endswith(".ptx") for p in tmp_path.iterdir())
+
+
 def test_programs_need_no_include_path():
     for name, program in _native.kernel_programs():
         assert "#include" not in program, name

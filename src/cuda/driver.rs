@@ -138,7 +138,38 @@ fn context(cache: &mut Cache, ordinal: i32) -> Result<dsys::CUcontext> {
     Ok(ctx)
 }
 
-/// Compiles `family` for device `ordinal` to a CUBIN.
+/// What NVRTC produces for a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// Machine code for `sm_<arch>`.
+    Cubin(u32),
+    /// PTX for `compute_<arch>`, which the driver compiles for a newer device at load time.
+    Ptx(u32),
+}
+
+/// Architectures the loaded NVRTC can compile for (e.g. 75, 80, ..., 120); empty if unknown.
+fn supported_archs() -> Vec<u32> {
+    let mut n: c_int = 0;
+    // SAFETY: one out-parameter, then a buffer of that many entries; NVRTC is loaded.
+    if unsafe { nsys::nvrtcGetNumSupportedArchs(&mut n) }
+        .result()
+        .is_err()
+        || n <= 0
+    {
+        return Vec::new();
+    }
+    let mut archs = vec![0 as c_int; n as usize];
+    if unsafe { nsys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
+        .result()
+        .is_err()
+    {
+        return Vec::new();
+    }
+    archs.into_iter().map(|a| a as u32).collect()
+}
+
+/// Compiles `family` for device `ordinal`: a CUBIN for its architecture, or, when the NVRTC at
+/// hand predates the device, PTX for the newest architecture it knows (the driver finishes it).
 fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
     let dev = dres::device::get(ordinal).map_err(driver_error("cuDeviceGet"))?;
     let attr = |a| {
@@ -147,7 +178,20 @@ fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
     };
     let major = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
     let minor = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    compile_for_arch(family, (major * 10 + minor) as u32)
+    let cc = (major * 10 + minor) as u32;
+    let supported = supported_archs();
+    if supported.is_empty() || supported.contains(&cc) {
+        return compile_image(family, Target::Cubin(cc));
+    }
+    match supported.iter().copied().filter(|&a| a <= cc).max() {
+        Some(arch) => compile_image(family, Target::Ptx(arch)),
+        None => Err(Error::CudaUnavailable {
+            reason: format!(
+                "the loaded NVRTC cannot compile for sm_{cc} (it supports {supported:?}); use \
+                 a PyTorch wheel whose CUDA version supports this GPU"
+            ),
+        }),
+    }
 }
 
 /// NVRTC (major, minor), when the library is present.
@@ -183,16 +227,19 @@ fn cache_dir() -> Option<std::path::PathBuf> {
     Some(base.join("hidden_align"))
 }
 
-/// Compiles `family` to a CUBIN for `sm_<arch>` (e.g. 90) through the on-disk cache, keyed by
-/// a hash of the program and the options, the architecture and the NVRTC version. Needs NVRTC,
-/// not a GPU.
-pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
+/// Compiles `family` for `target` through the on-disk cache, keyed by a hash of the program
+/// and the options, the target and the NVRTC version. Needs NVRTC, not a GPU.
+pub fn compile_image(family: Family, target: Target) -> Result<Vec<u8>> {
     let program = family.program();
     let (major, minor) = nvrtc_version().ok_or_else(|| Error::CudaUnavailable {
         reason: "NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found".into(),
     })?;
+    let (arch, kind) = match target {
+        Target::Cubin(a) => (format!("sm_{a}"), "cubin"),
+        Target::Ptx(a) => (format!("compute_{a}"), "ptx"),
+    };
     let key = format!(
-        "{}-{:016x}-sm_{arch}-nvrtc{major}.{minor}.cubin",
+        "{}-{:016x}-{arch}-nvrtc{major}.{minor}.{kind}",
         family.file().trim_end_matches(".cu"),
         fnv1a(&format!("{program}\n{:?}", super::NVRTC_OPTIONS))
     );
@@ -202,7 +249,7 @@ pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
     {
         return Ok(bytes);
     }
-    let cubin = nvrtc_cubin(family, &program, arch)?;
+    let cubin = nvrtc_image(family, &program, target)?;
     if let Some(path) = cached {
         // Best effort: a cache that cannot be written costs a compile next time. Writing to a
         // temporary file and renaming lets a concurrent reader see the whole file or none.
@@ -220,14 +267,18 @@ pub fn compile_for_arch(family: Family, arch: u32) -> Result<Vec<u8>> {
     Ok(cubin)
 }
 
-fn nvrtc_cubin(family: Family, program: &str, arch: u32) -> Result<Vec<u8>> {
-    let arch_option = format!("--gpu-architecture=sm_{arch}");
+fn nvrtc_image(family: Family, program: &str, target: Target) -> Result<Vec<u8>> {
+    let arch = match target {
+        Target::Cubin(a) => format!("sm_{a}"),
+        Target::Ptx(a) => format!("compute_{a}"),
+    };
+    let arch_option = format!("--gpu-architecture={arch}");
     let mut options = vec![arch_option.as_str()];
     options.extend_from_slice(super::NVRTC_OPTIONS);
     let failed = |what: &str, detail: String| Error::Kernel {
         op: "NVRTC",
         message: format!(
-            "{what} of kernels/{} for sm_{arch} failed: {detail}",
+            "{what} of kernels/{} for {arch} failed: {detail}",
             family.file()
         ),
     };
@@ -249,11 +300,30 @@ fn nvrtc_cubin(family: Family, program: &str, arch: u32) -> Result<Vec<u8>> {
                 .unwrap_or_default();
             Err(failed("compilation", format!("{e:?}\n{log}")))
         }
-        Ok(()) => cubin_of(prog).map_err(|e| failed("nvrtcGetCUBIN", e)),
+        Ok(()) => match target {
+            Target::Cubin(_) => cubin_of(prog).map_err(|e| failed("nvrtcGetCUBIN", e)),
+            Target::Ptx(_) => ptx_of(prog).map_err(|e| failed("nvrtcGetPTX", e)),
+        },
     };
     // SAFETY: the program is live and not used afterwards.
     let _ = unsafe { nres::destroy_program(prog) };
     result
+}
+
+/// The PTX of a compiled program, NUL-terminated as `cuModuleLoadData` wants it.
+fn ptx_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
+    // SAFETY: a compiled program.
+    let ptx = unsafe { nres::get_ptx(prog) }.map_err(|e| format!("{e:?}"))?;
+    let mut bytes: Vec<u8> = ptx
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&c| c != 0)
+        .collect();
+    if bytes.is_empty() {
+        return Err("an empty image".into());
+    }
+    bytes.push(0);
+    Ok(bytes)
 }
 
 fn cubin_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {

@@ -54,14 +54,25 @@ pub fn kernel_programs() -> Vec<(&'static str, String)> {
         .collect()
 }
 
-/// Compiles every kernel family with NVRTC for `sm_<arch>` through the runtime's own path (and
-/// its on-disk cache), without a GPU; returns `(file, CUBIN size in bytes)`.
+/// Compiles every kernel family with NVRTC for `sm_<arch>` (CUBIN) or, with `ptx`,
+/// `compute_<arch>` (PTX the driver finishes), through the runtime's own path and its on-disk
+/// cache, without a GPU; returns `(file, image size in bytes)`.
 #[pyfunction]
-pub fn compile_kernels(py: Python<'_>, arch: u32) -> PyResult<Vec<(&'static str, usize)>> {
+#[pyo3(signature = (arch, ptx=false))]
+pub fn compile_kernels(
+    py: Python<'_>,
+    arch: u32,
+    ptx: bool,
+) -> PyResult<Vec<(&'static str, usize)>> {
+    let target = if ptx {
+        cuda::driver::Target::Ptx(arch)
+    } else {
+        cuda::driver::Target::Cubin(arch)
+    };
     super::errors::run(py, "compile_kernels", move || {
         Family::ALL
             .iter()
-            .map(|&f| Ok((f.file(), cuda::driver::compile_for_arch(f, arch)?.len())))
+            .map(|&f| Ok((f.file(), cuda::driver::compile_image(f, target)?.len())))
             .collect()
     })
 }
