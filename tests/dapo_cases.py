@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from hidden_align import dapo
+
+from reference import policy_loss as reference_policy_loss
+
 MODES = [
     "token-mean",
     "token-sum",
@@ -46,3 +50,35 @@ def with_garbage(t: torch.Tensor, mask: torch.Tensor, value=float("nan")) -> tor
     if t.dim() != mask.dim():
         return t
     return torch.where(mask, t, torch.full_like(t, value))
+
+
+def run_ours(logp, old, adv, mask, **kw):
+    x = logp.detach().clone().requires_grad_()
+    loss, metrics = dapo.policy_loss(x, old, adv, mask, **kw)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss, metrics, g
+
+
+def run_reference(logp, old, adv, mask, **kw):
+    names = {
+        "clip_ratio_low": "clip_low",
+        "clip_ratio_high": "clip_high",
+        "clip_ratio_c": "clip_c",
+        "log_ratio_clamp": "clamp",
+        "loss_agg_mode": "agg",
+        "rollout_is_weights": "weights",
+    }
+    kw = {names.get(k, k): v for k, v in kw.items()}
+    x = logp.detach().double().requires_grad_()
+    loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
+    (g,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
+    return loss, metrics, g
+
+
+def assert_matches(ours, ref, atol=1e-6, rtol=1e-5):
+    loss, metrics, g = ours
+    rloss, rmetrics, rg = ref
+    torch.testing.assert_close(loss.double(), rloss.detach(), atol=atol, rtol=rtol)
+    for k in rmetrics:
+        torch.testing.assert_close(metrics[k].double(), rmetrics[k].detach(), atol=atol, rtol=rtol)
+    torch.testing.assert_close(g.double(), rg, atol=atol, rtol=rtol)

@@ -6,14 +6,21 @@ import itertools
 
 import pytest
 import torch
-from dapo_cases import MODES, NORMALISERS, policy_case, with_garbage
+from dapo_cases import (
+    MODES,
+    NORMALISERS,
+    assert_matches,
+    policy_case,
+    run_ours,
+    run_reference,
+    with_garbage,
+)
 
 import hidden_align as ha
 from hidden_align import dapo
 
 from cases import make_case
 from reference import alignment_loss, dynamic_sampling, grpo_advantages, overlong
-from reference import policy_loss as reference_policy_loss
 
 pytestmark = pytest.mark.skipif(
     not ha.cuda_status()["emulation_built"],
@@ -237,43 +244,16 @@ def test_scatter_add_rows_duplicates_and_skips(emulated):
 # DAPO
 
 
-def run_policy(logp, old, adv, mask, **kw):
-    x = logp.detach().clone().requires_grad_()
-    loss, metrics = dapo.policy_loss(x, old, adv, mask, **kw)
-    (g,) = torch.autograd.grad(loss, x)
-    return loss, metrics, g
-
-
-def reference_policy(logp, old, adv, mask, **kw):
-    names = {
-        "loss_agg_mode": "agg",
-        "rollout_is_weights": "weights",
-        "log_ratio_clamp": "clamp",
-        "clip_ratio_c": "clip_c",
-    }
-    kw = {names.get(k, k): v for k, v in kw.items()}
-    x = logp.detach().double().requires_grad_()
-    loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
-    (g,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
-    return loss, metrics, g
-
-
-def assert_policy_close(ours, ref, tol):
-    loss, metrics, g = ours
-    rloss, rmetrics, rg = ref
-    torch.testing.assert_close(loss.double(), rloss.detach(), atol=tol, rtol=tol)
-    for k in rmetrics:
-        torch.testing.assert_close(metrics[k].double(), rmetrics[k].detach(), atol=tol, rtol=tol)
-    torch.testing.assert_close(g.double(), rg, atol=tol, rtol=tol)
-
-
 @pytest.mark.parametrize("mode,norm", list(itertools.product(MODES, range(len(NORMALISERS)))))
 @pytest.mark.parametrize("per_rollout_adv", [False, True])
 def test_policy_loss_matches_reference(emulated, mode, norm, per_rollout_adv):
     logp, old, adv, mask = policy_case(batch=5, seq=40, per_rollout_adv=per_rollout_adv)
     kw = dict(loss_agg_mode=mode, **NORMALISERS[norm])
-    assert_policy_close(
-        run_policy(logp, old, adv, mask, **kw), reference_policy(logp, old, adv, mask, **kw), 1e-5
+    assert_matches(
+        run_ours(logp, old, adv, mask, **kw),
+        run_reference(logp, old, adv, mask, **kw),
+        atol=1e-5,
+        rtol=1e-5,
     )
 
 
@@ -286,9 +266,11 @@ def test_policy_loss_dtypes_weights_garbage_and_chunks(emulated, dtype):
     weights = torch.rand(logp.shape).to(dtype)
     dirty = [with_garbage(t, mask) for t in (logp, old, adv)]
     kw = dict(loss_agg_mode="seq-mean-token-mean", rollout_is_weights=weights)
-    ours = run_policy(*dirty, mask, **kw)
+    ours = run_ours(*dirty, mask, **kw)
     assert ours[2].dtype == dtype and torch.all(ours[2][~mask] == 0)
-    assert_policy_close(ours, reference_policy(logp, old, adv, mask, **kw), TOL[dtype] * 2)
+    assert_matches(
+        ours, run_reference(logp, old, adv, mask, **kw), atol=TOL[dtype] * 2, rtol=TOL[dtype] * 2
+    )
 
 
 def test_policy_loss_matches_cpu_backend_with_tensor_normalisers(emulated):
@@ -301,11 +283,11 @@ def test_policy_loss_matches_cpu_backend_with_tensor_normalisers(emulated):
         clip_ratio_c=3.0,
         log_ratio_clamp=None,
     )
-    ours = run_policy(logp, old, adv, mask.to(torch.float32), **kw)
-    cpu = on_backend("cpu", run_policy, logp, old, adv, mask.to(torch.float32), **kw)
+    ours = run_ours(logp, old, adv, mask.to(torch.float32), **kw)
+    cpu = on_backend("cpu", run_ours, logp, old, adv, mask.to(torch.float32), **kw)
     cpu64 = (cpu[0].double(), {k: v.double() for k, v in cpu[1].items()}, cpu[2].double())
-    assert_policy_close(ours, cpu64, 1e-6)
-    again = run_policy(logp, old, adv, mask.to(torch.float32), **kw)
+    assert_matches(ours, cpu64, atol=1e-6, rtol=1e-6)
+    again = run_ours(logp, old, adv, mask.to(torch.float32), **kw)
     assert torch.equal(ours[0], again[0]) and torch.equal(ours[2], again[2])
 
 

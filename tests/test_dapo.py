@@ -4,45 +4,20 @@ import itertools
 
 import pytest
 import torch
-from dapo_cases import MODES, NORMALISERS, policy_case, with_garbage
+from dapo_cases import (
+    MODES,
+    NORMALISERS,
+    assert_matches,
+    policy_case,
+    run_ours,
+    run_reference,
+    with_garbage,
+)
 
 import hidden_align as ha
 from hidden_align import dapo
 
 from reference import dynamic_sampling, grpo_advantages, overlong
-from reference import policy_loss as reference_policy_loss
-
-
-def run_ours(logp, old, adv, mask, **kw):
-    x = logp.detach().clone().requires_grad_()
-    loss, metrics = dapo.policy_loss(x, old, adv, mask, **kw)
-    (g,) = torch.autograd.grad(loss, x)
-    return loss, metrics, g
-
-
-def run_reference(logp, old, adv, mask, **kw):
-    names = {
-        "clip_ratio_low": "clip_low",
-        "clip_ratio_high": "clip_high",
-        "clip_ratio_c": "clip_c",
-        "log_ratio_clamp": "clamp",
-        "loss_agg_mode": "agg",
-        "rollout_is_weights": "weights",
-    }
-    kw = {names.get(k, k): v for k, v in kw.items()}
-    x = logp.detach().double().requires_grad_()
-    loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
-    (g,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
-    return loss, metrics, g
-
-
-def assert_matches(ours, ref, atol=1e-6, rtol=1e-5):
-    loss, metrics, g = ours
-    rloss, rmetrics, rg = ref
-    torch.testing.assert_close(loss.double(), rloss.detach(), atol=atol, rtol=rtol)
-    for k in rmetrics:
-        torch.testing.assert_close(metrics[k].double(), rmetrics[k].detach(), atol=atol, rtol=rtol)
-    torch.testing.assert_close(g.double(), rg, atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("mode,norm", list(itertools.product(MODES, range(len(NORMALISERS)))))

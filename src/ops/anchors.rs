@@ -114,12 +114,9 @@ pub fn plan(
         grouping_tensor(grouping),
     ];
     same_cpu_device(hidden, &others)?;
-
-    rewards.expect_ndim(1, "[B]")?;
-    let batch = rewards.shape()[0];
-    if !threshold.is_finite() {
-        return Err(Error::value("threshold", "a finite number", threshold));
-    }
+    let batch = check_metadata(
+        hidden, &space, anchors, rewards, grouping, threshold, cu_seqlens,
+    )?;
     let correct: Vec<bool> = if rewards.dtype() == DType::Bool {
         rewards
             .to_f64_vec()?
@@ -134,30 +131,14 @@ pub fn plan(
             .map(|r| r > threshold)
             .collect()
     };
-    if !space.packed && hidden.shape()[0] != batch {
-        return Err(Error::Shape {
-            arg: "hidden",
-            expected: format!("[B, T, H] with B = {batch} (the length of rewards)"),
-            got: format!("{:?}", hidden.shape()),
-        });
-    }
-
-    let segments = match (space.packed, cu_seqlens) {
-        (false, Some(_)) => {
-            return Err(Error::value(
-                "cu_seqlens",
-                "None for padded hidden [B, T, H]",
-                "a tensor",
-            ));
-        }
-        (false, None) => None,
-        (true, Some(cu)) => Some(segments_of(cu, batch, space.rows)?),
-        (true, None) => None,
+    let segments = match cu_seqlens {
+        Some(cu) => Some(segments_of(cu, space.rows)?),
+        None => None,
     };
 
     let rows = match anchors {
         Anchors::Mask(mask) => rows_from_mask(mask, &space, batch, segments.as_deref())?,
-        Anchors::Index(index) => rows_from_index(index, &space, batch, segments.as_deref())?,
+        Anchors::Index(index) => rows_from_index(index, &space, segments.as_deref())?,
     };
     let (group, num_groups) = dense_groups(grouping, batch)?;
     Ok(AnchorPlan {
@@ -168,17 +149,10 @@ pub fn plan(
     })
 }
 
-/// `cu_seqlens` `[B + 1]` → per-rollout row ranges of the packed hidden.
-fn segments_of(cu: &TensorRef, batch: usize, rows: usize) -> Result<Vec<(usize, usize)>> {
+/// `cu_seqlens` `[B + 1]` (shape checked) → per-rollout row ranges of the packed hidden.
+fn segments_of(cu: &TensorRef, rows: usize) -> Result<Vec<(usize, usize)>> {
     let v = cu.to_i64_vec()?;
-    if v.len() != batch + 1 {
-        return Err(Error::Shape {
-            arg: "cu_seqlens",
-            expected: format!("[B + 1] = [{}]", batch + 1),
-            got: format!("{:?}", cu.shape()),
-        });
-    }
-    let ok = v[0] == 0 && v.windows(2).all(|w| w[0] <= w[1]) && v[batch] as usize <= rows;
+    let ok = v[0] == 0 && v.windows(2).all(|w| w[0] <= w[1]) && *v.last().unwrap() as usize <= rows;
     if !ok {
         return Err(Error::value(
             "cu_seqlens",
@@ -197,38 +171,16 @@ fn rows_from_mask(
     batch: usize,
     segments: Option<&[(usize, usize)]>,
 ) -> Result<Vec<i64>> {
-    mask.expect_dtype(&[DType::Bool, DType::U8])?;
-    // Both layouts reduce to a flat boolean row space cut into per-rollout segments.
-    let (flat, segments): (Vec<bool>, Vec<(usize, usize)>) = if space.packed {
-        let Some(segments) = segments else {
-            return Err(Error::value(
-                "cu_seqlens",
-                "a [B + 1] tensor when mask is a bool mask over packed hidden [N, H]",
-                "None",
-            ));
-        };
-        if mask.shape() != [space.rows] {
-            return Err(Error::shape(
-                "mask",
-                format!("[N] = [{}]", space.rows),
-                mask.shape(),
-            ));
+    // Both layouts reduce to a flat boolean row space cut into per-rollout segments (dtype,
+    // shape and the presence of cu_seqlens for packed hidden were checked by check_metadata).
+    let segments: Vec<(usize, usize)> = match segments {
+        Some(segments) => segments.to_vec(),
+        None => {
+            let t = space.inner;
+            (0..batch).map(|b| (b * t, (b + 1) * t)).collect()
         }
-        (read_bool_flat(mask)?, segments.to_vec())
-    } else {
-        if mask.shape() != [batch, space.inner] {
-            return Err(Error::shape(
-                "mask",
-                format!("[B, T] = [{batch}, {}] or an int64 index [B]", space.inner),
-                mask.shape(),
-            ));
-        }
-        let t = space.inner;
-        (
-            read_bool_flat(mask)?,
-            (0..batch).map(|b| (b * t, (b + 1) * t)).collect(),
-        )
     };
+    let flat = read_bool_flat(mask)?;
     let mut rows = vec![-1i64; batch];
     for (b, &(lo, hi)) in segments.iter().enumerate() {
         for (r, _) in flat[lo..hi].iter().enumerate().filter(|(_, on)| **on) {
@@ -275,23 +227,8 @@ fn read_bool_flat(mask: &TensorRef) -> Result<Vec<bool>> {
 fn rows_from_index(
     index: &TensorRef,
     space: &RowSpace,
-    batch: usize,
     segments: Option<&[(usize, usize)]>,
 ) -> Result<Vec<i64>> {
-    if index.dtype() != DType::I64 && index.dtype() != DType::I32 {
-        return Err(Error::Dtype {
-            arg: "mask",
-            expected: "bool or uint8 (an anchor mask) or int64 (anchor indices)".into(),
-            got: index.dtype().to_string(),
-        });
-    }
-    if index.shape() != [batch] {
-        return Err(Error::shape(
-            "mask",
-            format!("an index [B] = [{batch}]"),
-            index.shape(),
-        ));
-    }
     let limit = if space.packed {
         space.rows
     } else {
