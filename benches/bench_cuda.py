@@ -12,37 +12,21 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from common import write_table  # noqa: E402
+from common import load_verl, write_table  # noqa: E402
 
 import hidden_align as ha  # noqa: E402
 from hidden_align import dapo  # noqa: E402
 
 from reference import eager_alignment_loss  # noqa: E402
 
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from verl.trainer.ppo import core_algos
-        from verl.workers.config import ActorConfig
-
-    VERL_CONFIG = ActorConfig(
-        clip_ratio_low=0.2,
-        clip_ratio_high=0.28,
-        clip_ratio_c=10.0,
-        strategy="fsdp",
-        ppo_micro_batch_size_per_gpu=1,
-        ppo_mini_batch_size=256,
-        rollout_n=1,
-    )
-except ImportError:  # the eager formulas below stand in for verl
-    core_algos = None
+# Without verl, the eager formulas below stand in for it.
+core_algos, VERL_CONFIG = load_verl()
 
 
 def cuda_times(fns: dict, reps: int) -> dict:

@@ -19,31 +19,19 @@ import argparse
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from common import interleaved_medians, medians, ms, write_table  # noqa: E402
+from common import interleaved_medians, load_verl, medians, ms, write_table  # noqa: E402
 
 from hidden_align import dapo  # noqa: E402
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from verl.trainer.ppo import core_algos  # noqa: E402
-    from verl.workers.config import ActorConfig  # noqa: E402
-
-CONFIG = ActorConfig(
-    clip_ratio_low=0.2,
-    clip_ratio_high=0.28,
-    clip_ratio_c=10.0,
-    strategy="fsdp",
-    ppo_micro_batch_size_per_gpu=1,
-    ppo_mini_batch_size=256,
-    rollout_n=1,
-)
+core_algos, CONFIG = load_verl()
+if core_algos is None:
+    sys.exit("benches/bench_dapo.py compares against verl: pip install -e '.[parity]'")
 
 
 def inputs(batch, seq, dtype):

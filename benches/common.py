@@ -16,6 +16,30 @@ import hidden_align as ha
 RESULTS = Path(__file__).resolve().parent.parent / "bench-results"
 
 
+def load_verl():
+    """verl's ``core_algos`` and an ``ActorConfig`` with DAPO's clip settings (the parity
+    oracle's defaults), or ``(None, None)`` when verl is not installed."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from verl.trainer.ppo import core_algos
+            from verl.workers.config import ActorConfig
+    except ImportError:
+        return None, None
+    config = ActorConfig(
+        clip_ratio_low=0.2,
+        clip_ratio_high=0.28,
+        clip_ratio_c=10.0,
+        strategy="fsdp",
+        ppo_micro_batch_size_per_gpu=1,
+        ppo_mini_batch_size=256,
+        rollout_n=1,
+    )
+    return core_algos, config
+
+
 def medians(fns: dict, reps: int, warmup: int = 1) -> dict:
     """Median seconds of each callable, timed back to back (caches and allocator warm)."""
     out = {}
