@@ -120,7 +120,7 @@ struct Cache {
     /// Loaded module per (device, family).
     modules: HashMap<(i32, Family), usize>,
     /// Kernel handle per (device, name).
-    functions: HashMap<(i32, String), usize>,
+    functions: HashMap<i32, HashMap<String, usize>>,
 }
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
@@ -362,7 +362,8 @@ fn function(
     family: Family,
     kernel: &str,
 ) -> Result<dsys::CUfunction> {
-    if let Some(&f) = cache.functions.get(&(ordinal, kernel.to_owned())) {
+    // Looked up by &str: no allocation on the launch path once the kernel is known.
+    if let Some(&f) = cache.functions.get(&ordinal).and_then(|m| m.get(kernel)) {
         return Ok(f as dsys::CUfunction);
     }
     let module = module(cache, ordinal, family)?;
@@ -372,7 +373,9 @@ fn function(
         .map_err(driver_error("cuModuleGetFunction"))?;
     cache
         .functions
-        .insert((ordinal, kernel.to_owned()), f as usize);
+        .entry(ordinal)
+        .or_default()
+        .insert(kernel.to_owned(), f as usize);
     Ok(f)
 }
 
@@ -407,16 +410,22 @@ impl Drop for ContextScope {
     }
 }
 
-/// Compiles (or takes from the disk cache) and loads every kernel family on device `ordinal`,
-/// so that no later call does it: needed before capturing a CUDA graph, where loading a
-/// module is not allowed.
-pub fn prepare(ordinal: i32) -> Result<()> {
+/// The locked cache, with device `ordinal`'s primary context current until the scope drops.
+fn on_device(ordinal: i32) -> Result<(std::sync::MutexGuard<'static, Cache>, ContextScope)> {
     ensure_init()?;
     let mut cache = CACHE
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let ctx = context(&mut cache, ordinal)?;
-    let _scope = ContextScope::enter(ctx)?;
+    let scope = ContextScope::enter(ctx)?;
+    Ok((cache, scope))
+}
+
+/// Compiles (or takes from the disk cache) and loads every kernel family on device `ordinal`,
+/// so that no later call does it: needed before capturing a CUDA graph, where loading a
+/// module is not allowed.
+pub fn prepare(ordinal: i32) -> Result<()> {
+    let (mut cache, _scope) = on_device(ordinal)?;
     for family in Family::ALL {
         module(&mut cache, ordinal, family)?;
     }
@@ -433,12 +442,7 @@ pub fn launch(
     grid: Grid,
     params: *const c_void,
 ) -> Result<()> {
-    ensure_init()?;
-    let mut cache = CACHE
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ctx = context(&mut cache, ordinal)?;
-    let _scope = ContextScope::enter(ctx)?;
+    let (mut cache, _scope) = on_device(ordinal)?;
     let f = function(&mut cache, ordinal, family, kernel)?;
     drop(cache);
     let mut args = [params as *mut c_void];
