@@ -208,3 +208,144 @@ def test_row_grad_materialises_for_any_other_op():
     dense = g * 2  # not add: falls back to a plain tensor
     assert type(dense) is torch.Tensor
     assert dense.view(-1, 4)[1].tolist() == [2.0] * 4 and dense.sum().item() == 8.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients that something other than the autograd engine still holds are never written into.
+
+
+def _lm_head_step(case, keep_hooks):
+    """hidden = x * 1.0 feeds a linear head and the loss; `keep_hooks(h, head)` registers hooks
+    that keep gradients (each kept with a clone of its value at the time it was kept)."""
+    x = case.hidden.clone().requires_grad_()
+    h = x * 1.0
+    torch.manual_seed(0)
+    head = torch.nn.Linear(case.hidden.shape[-1], 5, dtype=x.dtype)
+    kept = keep_hooks(h, head)
+    logits = head(h)
+    (logits.square().mean() + ha.loss(h, case.anchors, case.rewards, **case.kwargs())).backward()
+    expected = reference_grad(x, case, head=lambda t: head.double()(t).square().mean())
+    torch.testing.assert_close(x.grad, expected)
+    return kept, expected
+
+
+def _keep(store, tensor):
+    store.append((tensor, tensor.detach().clone() if type(tensor) is torch.Tensor else None))
+
+
+def _assert_unchanged(kept):
+    assert kept, "no gradient was kept: the hook did not run"
+    for tensor, value_when_kept in kept:
+        torch.testing.assert_close(tensor, value_when_kept, rtol=0, atol=0)
+
+
+def _case():
+    return make_case(batch=8, group=4, seq=6, hidden_size=16, anchor_prob=1.0, correct_prob=1.0)
+
+
+def test_kept_module_grad_input_is_not_modified():
+    kept = []
+
+    def keep_hooks(h, head):
+        head.register_full_backward_hook(lambda m, gin, gout: _keep(kept, gin[0]))
+        return kept
+
+    _assert_unchanged(_lm_head_step(_case(), keep_hooks)[0])
+
+
+def test_kept_module_grad_output_is_not_modified():
+    kept = []
+
+    def keep_hooks(h, head):
+        head.register_full_backward_hook(lambda m, gin, gout: _keep(kept, gout[0]))
+        return kept
+
+    _assert_unchanged(_lm_head_step(_case(), keep_hooks)[0])
+
+
+def test_gradient_stashed_by_a_function_is_not_modified():
+    """An identity op whose backward stashes its gradient and passes the same tensor on: the
+    LM head's gradient w.r.t. hidden is then exactly the stashed tensor."""
+    kept = []
+
+    class Stash(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, g):
+            _keep(kept, g)
+            return g
+
+    case = _case()
+    x = case.hidden.clone().requires_grad_()
+    h = x * 1.0
+    align = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
+    (Stash.apply(h).sin().sum() + align).backward()
+    _assert_unchanged(kept)
+    torch.testing.assert_close(x.grad, reference_grad(x, case, head=lambda t: t.sin().sum()))
+
+
+def test_tensor_hook_after_the_loss_keeps_the_delivered_gradient():
+    kept = []
+    case = _case()
+    x = case.hidden.clone().requires_grad_()
+    h = x * 1.0
+    total = head_loss(h) + ha.loss(h, case.anchors, case.rewards, **case.kwargs())
+    h.register_hook(lambda g: _keep(kept, g))
+    # A second backward through the same graph accumulates into x.grad: the kept tensor must
+    # not be what gets accumulated into.
+    total.backward(retain_graph=True)
+    total.backward()
+    _assert_unchanged(kept)
+    torch.testing.assert_close(x.grad, 2 * reference_grad(x, case, head=head_loss))
+
+
+@pytest.mark.parametrize("leaf", [False, True])
+def test_row_grad_kept_by_an_earlier_hook_materialises_to_the_full_gradient(leaf):
+    """A hook registered before the loss receives the symbolic sum and keeps it unmaterialised;
+    whenever it is read later it is the complete gradient, and reading it changes nothing."""
+    kept = []
+    case = _case()
+    x = case.hidden.clone().requires_grad_()
+    h = x if leaf else x * 1.0
+    h.register_hook(lambda g: kept.append(g))
+    (head_loss(h) + ha.loss(h, case.anchors, case.rewards, **case.kwargs())).backward()
+    expected = reference_grad(x, case, head=head_loss)
+    (g,) = kept
+    assert type(g) is AnchorRowGrad
+    grad_before = x.grad.clone()
+    torch.testing.assert_close(g * 1, expected)
+    torch.testing.assert_close(g.materialize(), expected)
+    torch.testing.assert_close(x.grad, grad_before, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_engine_accumulates_with_add_not_in_place():
+    """The subclass intercepts only out-of-place `add`: the engine never accumulates into a
+    tensor subclass or with one in place (if that changed, this spy would see `add_`)."""
+    seen = []
+    original = AnchorRowGrad.__torch_dispatch__.__func__
+
+    def spy(cls, func, types, args=(), kwargs=None):
+        seen.append(func)
+        return original(cls, func, types, args, kwargs)
+
+    case = _case()
+    AnchorRowGrad.__torch_dispatch__ = classmethod(spy)
+    try:
+        for align_first in (False, True):
+            x = case.hidden.clone().requires_grad_()
+            h = x * 1.0
+            head = torch.nn.Linear(16, 5, dtype=x.dtype)
+            if align_first:
+                a = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
+            logits = head(h)
+            if not align_first:
+                a = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
+            (logits.square().sum() + a).backward()
+    finally:
+        AnchorRowGrad.__torch_dispatch__ = classmethod(original)
+    assert torch.ops.aten.add.Tensor in seen
+    assert torch.ops.aten.add_.Tensor not in seen

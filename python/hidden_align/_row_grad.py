@@ -5,18 +5,18 @@ training step ``hidden`` also feeds the LM head, which already sends it a dense 
 autograd engine would add a dense ``[B, T, H]`` gradient of ours to it with one extra read and
 write of the whole tensor, plus the zero-fill. Instead the backward returns an
 :class:`AnchorRowGrad`: a tensor subclass that holds only the rows. The engine accumulates
-gradients with ``add``/``add_``, which this class intercepts:
-
-* ``dense.add_(rows)`` (the engine owns ``dense`` exclusively): rows are added in place;
-* ``rows + dense``: the sum stays symbolic, holding ``dense`` as its base;
-
-and a hook on ``hidden`` (run once every contribution has arrived, before anything reads the
-gradient) turns the symbolic sum into a plain tensor: rows added in place into the base when
-nothing else references it, into a copy otherwise, into zeros when ``hidden`` has no other
-consumer. Every case is exact; the common one costs O(B H).
+gradients with ``add`` (never in place into a tensor subclass), which this class intercepts:
+``rows + dense`` stays symbolic, holding ``dense`` as its base. A hook on ``hidden`` (run once
+every contribution has arrived, before anything reads the gradient) turns the symbolic sum
+into a plain tensor: rows added in place into the base when nothing but the engine can reach
+it, into a copy when anything else can (a module hook that kept ``grad_input``, a tensor hook
+or a list that kept a gradient), into zeros when ``hidden`` has no other consumer. Every case
+is exact; the common one costs O(B H).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -29,25 +29,61 @@ _aten = torch.ops.aten
 _HOOKED = "_hidden_align_delivery_hook"
 
 
-def _exclusively_owned(t: torch.Tensor) -> bool:
-    """True when nothing but the caller's reference holds ``t`` or its storage.
+def _python_refs(obj: object) -> int:
+    return sys.getrefcount(obj)
 
-    Mirrors the test the autograd engine applies before accumulating in place, extended to one
-    common case the engine leaves out: a view whose base only the view holds (a linear layer's
-    gradient w.r.t. a ``[B, T, H]`` input is its 2-D result reshaped). Counts include the
-    reference of the caller's Python object (tensor) and of the temporary storage object
-    (storage); any other holder (an aliasing gradient, another view) makes the answer false.
+
+def _one_local_refs() -> int:
+    """What :func:`_python_refs` says of an object that one local variable of its caller holds.
+
+    Measured rather than assumed: the count includes the references of the call itself, which
+    differ between Python versions.
+    """
+    probe = object()
+    return _python_refs(probe)
+
+
+def _view_base_refs() -> int:
+    """The same for the base of a view, read through ``view._base`` into one local variable.
+
+    The accessor's result carries one reference more than a plain local (PyTorch keeps the
+    base's Python object tied to the view); measuring keeps the rule independent of that.
+    """
+    view = torch.empty(2).view(1, 2)
+    base = view._base
+    return _python_refs(base)
+
+
+_ONE_LOCAL = _one_local_refs()
+_ONE_LOCAL_VIEW_BASE = _view_base_refs()
+
+
+def _exclusively_owned(t: torch.Tensor) -> bool:
+    """True when nothing but the caller's one local variable holds ``t`` or its storage.
+
+    The caller must hold ``t`` in exactly one local variable and nowhere else. Two kinds of
+    holder are counted: C++ references of the tensor implementation and its storage (what the
+    autograd engine tests before accumulating in place), and Python references to the tensor
+    object, which the C++ count cannot see: a hook, a logger or a list keeping the gradient
+    all share one C++ reference through the same Python object. A view whose base only the
+    view holds is accepted too (a linear layer's gradient w.r.t. a ``[B, T, H]`` input is its
+    2-D result reshaped).
     """
     if type(t) is not torch.Tensor or t.layout != torch.strided or not t.is_contiguous():
+        return False
+    # t itself: the caller's local, this frame's argument; measured like the probe plus one.
+    if _python_refs(t) != _ONE_LOCAL + 1:
         return False
     try:
         storage_refs = torch._C._storage_Use_Count(t.untyped_storage()._cdata)
         base = t._base
         if base is None:
             return t._use_count() == 1 and storage_refs == 2
-        # base refs: the view's own + this function's wrapper; storage: base + view + temporary.
+        # base: the view's C++ reference + its Python object (held here by `base` alone);
+        # storage: base + view + the temporary storage object.
         return (
             base._base is None
+            and _python_refs(base) == _ONE_LOCAL_VIEW_BASE
             and t._use_count() == 1
             and base._use_count() == 2
             and storage_refs == 3
@@ -101,7 +137,10 @@ class AnchorRowGrad(torch.Tensor):
         super().__init__()
 
     def __repr__(self) -> str:
-        state = "zeros" if self.base is None else "a dense base"
+        if self._dense is not None:
+            state = "materialised"
+        else:
+            state = "zeros" if self.base is None else "a dense base"
         return f"AnchorRowGrad({tuple(self.shape)}, {self.rows.numel()} rows over {state})"
 
     def materialize(self) -> torch.Tensor:
@@ -115,12 +154,16 @@ class AnchorRowGrad(torch.Tensor):
         return self._dense
 
     def _build_dense(self) -> torch.Tensor:
-        if self.base is None:
+        base, owned = self.base, self.base_owned
+        # From here on the value lives in the result: ``base`` may become it.
+        self.base, self.base_owned = None, False
+        if base is None:
             out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        elif self.base_owned or _exclusively_owned(self.base):
-            out = self.base
+        elif owned or _exclusively_owned(base):
+            out = base
         else:
-            out = self.base.clone(memory_format=torch.contiguous_format)
+            out = base.clone(memory_format=torch.contiguous_format)
+        del base
         return _add_rows_(out, self.rows, self.vals)
 
     def _with_base(self, base: torch.Tensor, owned: bool) -> AnchorRowGrad:
@@ -129,13 +172,6 @@ class AnchorRowGrad(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _aten.add_.Tensor and kwargs.get("alpha", 1) == 1:
-            dst, other = args
-            if not isinstance(dst, AnchorRowGrad) and isinstance(other, AnchorRowGrad):
-                # The engine only accumulates in place into a tensor it owns exclusively.
-                if other.base is not None:
-                    dst.add_(other.base)
-                return _add_rows_(dst, other.rows, other.vals)
         if func is _aten.add.Tensor and kwargs.get("alpha", 1) == 1:
             a, b = args
             if not isinstance(a, AnchorRowGrad):
@@ -143,10 +179,11 @@ class AnchorRowGrad(torch.Tensor):
             if isinstance(b, AnchorRowGrad):
                 return _merge(a, b)
             if isinstance(b, torch.Tensor) and b.shape == a.shape and b.dtype == a.dtype:
+                if a._dense is not None:
+                    return a._dense + b
                 if a.base is None:
                     return a._with_base(b, owned=False)
-                if a.base_owned:
-                    return a._with_base(a.base.add_(b), owned=True)
+                # Out of place: `a` may still be held (a user's hook) and must keep its value.
                 return a._with_base(a.base + b, owned=True)
 
         def plain(x):
@@ -161,24 +198,67 @@ def _merge(a: AnchorRowGrad, b: AnchorRowGrad) -> AnchorRowGrad:
     """Sum of two row gradients (e.g. two alignment losses on the same ``hidden``)."""
     rows = torch.cat([a.rows, b.rows])
     vals = torch.cat([a.vals, b.vals.to(a.vals.dtype)])
+    if a._dense is not None or b._dense is not None:
+        return a.materialize() + b.materialize()
     if a.base is None or b.base is None:
+        # Shared with the other operand, which may still be held: never owned here.
         keep = a if b.base is None else b
-        return AnchorRowGrad(a, rows, vals, keep.base, keep.base_owned)
+        return AnchorRowGrad(a, rows, vals, keep.base, False)
     return AnchorRowGrad(a, rows, vals, a.base + b.base, True)
 
 
+# What `_python_refs(grad)` says inside `_deliver` when only the autograd engine holds `grad`;
+# measured once by a tiny backward (see `_calibrate_delivery`).
+_ENGINE_ONLY: int | None = None
+
+
 def _deliver(grad: torch.Tensor | None) -> torch.Tensor | None:
-    if isinstance(grad, AnchorRowGrad):
-        dense = grad.materialize()
-        # Drop our references so the engine may steal the buffer (a leaf's AccumulateGrad
-        # copies a gradient anyone else still holds).
-        grad._dense = grad.base = None
-        return dense
-    return None
+    if not isinstance(grad, AnchorRowGrad):
+        return None
+    refs = _python_refs(grad)
+    if getattr(grad, "_calibration", False):
+        global _ENGINE_ONLY
+        _ENGINE_ONLY = refs
+        return None
+    dense = grad.materialize()
+    if refs == _ENGINE_ONLY:
+        # Nobody else can reach `grad`: drop our reference so the engine may steal the buffer
+        # (a leaf's AccumulateGrad copies a gradient anyone else still holds).
+        grad._dense = None
+    # Otherwise a hook kept `grad`: it keeps its dense value, and since that reference is
+    # visible to the engine, the engine copies before it would ever write into the buffer.
+    return dense
+
+
+class _CalibrationGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.sum()
+
+    @staticmethod
+    def backward(ctx, _grad):
+        grad = AnchorRowGrad(
+            torch.empty(1, 1), torch.full((1,), -1, dtype=torch.int64), torch.zeros(1, 1)
+        )
+        grad._calibration = True
+        return grad
+
+
+def _calibrate_delivery() -> None:
+    """Measures `_ENGINE_ONLY` on a backward in which nothing else holds the gradient."""
+    with torch.enable_grad():
+        x = torch.zeros(1, 1, requires_grad=True)
+        h = x * 1.0
+        h.register_hook(_deliver)
+        _CalibrationGrad.apply(h).backward()
+    if _ENGINE_ONLY is None:  # pragma: no cover - the engine always runs tensor hooks
+        raise RuntimeError("hidden_align: could not calibrate the gradient delivery hook")
 
 
 def attach_delivery_hook(hidden: torch.Tensor) -> None:
     """Registers (once per tensor) the hook that makes ``hidden``'s gradient a plain tensor."""
     if hidden.requires_grad and not getattr(hidden, _HOOKED, False):
+        if _ENGINE_ONLY is None:
+            _calibrate_delivery()
         hidden.register_hook(_deliver)
         setattr(hidden, _HOOKED, True)
