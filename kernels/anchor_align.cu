@@ -10,7 +10,9 @@
 enum LossType : int64_t { LOSS_COSINE = 0, LOSS_CENTROID = 1, LOSS_MSE = 2, LOSS_CONTRASTIVE = 3 };
 enum Reduction : int64_t { RED_MEAN = 0, RED_SUM = 1, RED_NONE = 2 };
 
-// Float scratch regions of `work` ([8, B] float32) and int32 regions of `links` ([2 B + 1]).
+// Float scratch regions of `work` ([8, B] float32). `links` (int32 [4 B + 1]) holds the next
+// member of each rollout's group [0, B), the leader flags [B, 2 B), the block ticket [2 B] and
+// the two buffers of the label sort [2 B + 1, 4 B + 1).
 enum Work : int64_t {
     W_INV_NORM = 0,  // 1 / max(||h||, eps), 0 for rollouts that take no part
     W_SELF_SQ = 1,   // ||u||^2
@@ -57,7 +59,7 @@ struct AlignParams {
     float* mean_cosine;    // [] out
     int64_t* counts;       // [2] out: valid groups, anchored correct rollouts
     float* work;           // [8, B] scratch, kept for the backward
-    int32_t* links;        // [2 B + 1] scratch: next member, leader flag, block ticket
+    int32_t* links;        // [4 B + 1] scratch: next member, leader flag, ticket, sort buffers
     Side upstream;         // backward: gradient of the result ([1] or [G])
     float* centre;         // backward: [B, H] scratch (group sums at the leader's row)
     float* grad_rows;      // backward: [B, H] out, dL/dh at each rollout's anchor row
@@ -113,11 +115,24 @@ HA_DEVICE int64_t find_anchor(const AlignParams& p, int64_t b, int64_t* ired) {
     return p.packed ? pos : b * p.inner + pos;
 }
 
+// Groups from labels in O(B log B): sorts the rollouts by (label, index), then writes every
+// rollout's next group member (ascending indices), leader flag (the group's first index) and
+// dense group index (the label's rank, so groups come in sorted label order).
+// Grid: (1); block: HA_BLOCK threads (the sort and scan of common.cuh).
+HA_DEVICE void resolve_align_groups(const AlignParams& p) {
+    __shared__ int64_t red[HA_BLOCK + 1];
+    const int64_t nb = p.batch;
+    int32_t* sorted = p.links + 2 * nb + 1;
+    block_sort_by_key(p.labels, nb, sorted, sorted + nb);
+    runs_of_sorted(p.labels, nb, sorted, p.links, p.links + nb, p.groups, red);
+}
+HA_KERNEL(align_resolve_groups, resolve_align_groups, AlignParams)
+
 // Per rollout b: its anchor row, correctness, the next member of its group and whether it
-// leads the group; for each anchored row taking part, 1 / max(||h||, eps), ||u||^2 and the
-// clamp flag. Block 0 also resets the ticket of align_groups.
-// Grid: (max(B, 1)); block: HA_BLOCK threads strided over T (mask scan), B (group scan) and H
-// (norms).
+// leads the group (contiguous groups; with labels align_resolve_groups wrote them); for each
+// anchored row taking part, 1 / max(||h||, eps), ||u||^2 and the clamp flag. Block 0 also
+// resets the ticket of align_groups.
+// Grid: (max(B, 1)); block: HA_BLOCK threads strided over T (mask scan) and H (norms).
 template <class T>
 HA_DEVICE void align_prepare(const AlignParams& p) {
     __shared__ int64_t ired[HA_WARPS];
@@ -129,23 +144,6 @@ HA_DEVICE void align_prepare(const AlignParams& p) {
     const double reward = load_as_double(p.rewards.p, p.rewards.code, b * p.rewards.stride);
     // NaN compares false: a NaN-scored rollout counts as incorrect.
     const bool correct = p.rewards.code == CODE_BOOL ? reward != 0.0 : reward > p.threshold;
-
-    int64_t leader, next;
-    if (p.labels.p == nullptr) {
-        leader = b % p.group_size == 0;
-        next = (b + 1) % p.group_size != 0 ? b + 1 : -1;
-    } else {
-        const int64_t mine = load_label(p.labels.p, p.labels.code, b * p.labels.stride);
-        int64_t earlier = 0, later = nb;
-        for (int64_t j = threadIdx.x; j < nb; j += HA_BLOCK) {
-            if (j == b || load_label(p.labels.p, p.labels.code, j * p.labels.stride) != mine) continue;
-            if (j < b) earlier = 1;
-            else if (j < later) later = j;
-        }
-        leader = block_sum(earlier, ired) == 0;
-        later = block_min(later, ired);
-        next = later < nb ? later : -1;
-    }
 
     float inv = 0.0f, self_sq = 0.0f, clamped = 0.0f;
     if (row >= 0 && (correct || p.loss_type == LOSS_CONTRASTIVE)) {
@@ -171,8 +169,10 @@ HA_DEVICE void align_prepare(const AlignParams& p) {
         work(p, W_INV_NORM)[b] = inv;
         work(p, W_SELF_SQ)[b] = self_sq;
         work(p, W_CLAMPED)[b] = clamped;
-        p.links[b] = static_cast<int32_t>(next);
-        p.links[nb + b] = static_cast<int32_t>(leader);
+        if (p.labels.p == nullptr) {
+            p.links[b] = (b + 1) % p.group_size != 0 && b + 1 < nb ? static_cast<int32_t>(b + 1) : -1;
+            p.links[nb + b] = b % p.group_size == 0 ? 1 : 0;
+        }
     }
 }
 HA_KERNEL_FLOATS(align_prepare, AlignParams)
@@ -224,24 +224,14 @@ HA_DEVICE void contrastive_rows(const AlignParams& p, int64_t leader, int64_t n,
 // The loss of the group led by b (see src/cpu/align.rs for the four formulas), written at its
 // dense index with its validity and mean pairwise cosine; also the dense index of every member.
 template <class T>
-HA_DEVICE void group_forward(const AlignParams& p, int64_t b, int64_t* ired, float* fred) {
-    const int64_t nb = p.batch;
-    int64_t dense;
-    if (p.labels.p == nullptr) {
-        dense = b / p.group_size;
-    } else {
-        const int64_t mine = load_label(p.labels.p, p.labels.code, b * p.labels.stride);
-        int64_t smaller = 0;
-        for (int64_t j = threadIdx.x; j < nb; j += HA_BLOCK) {
-            smaller += is_leader(p, j) &&
-                       load_label(p.labels.p, p.labels.code, j * p.labels.stride) < mine;
-        }
-        dense = block_sum(smaller, ired);
-    }
+HA_DEVICE void group_forward(const AlignParams& p, int64_t b, float* fred) {
+    // Contiguous blocks, or the label's rank written by align_resolve_groups.
+    const int64_t dense = p.labels.p == nullptr ? b / p.group_size : p.groups[b];
     int64_t n = 0, negatives = 0;
     float self_sum = 0.0f;
     for (int64_t j = b; j >= 0; j = next_of(p, j)) {
-        if (threadIdx.x == 0) p.groups[j] = dense;
+        // With labels align_resolve_groups already wrote every member's group.
+        if (threadIdx.x == 0 && p.labels.p == nullptr) p.groups[j] = dense;
         if (!anchored(p, j)) continue;
         if (p.correct[j]) {
             ++n;
@@ -357,7 +347,7 @@ HA_DEVICE void align_groups(const AlignParams& p) {
     __shared__ float fred[HA_WARPS];
     __shared__ int last;
     const int64_t b = blockIdx.x;
-    if (b < p.batch && is_leader(p, b)) group_forward<T>(p, b, ired, fred);
+    if (b < p.batch && is_leader(p, b)) group_forward<T>(p, b, fred);
     __syncthreads();
     if (threadIdx.x == 0) {
         __threadfence();  // this block's results are visible before its ticket is

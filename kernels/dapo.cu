@@ -3,29 +3,46 @@
 // the specification; per-token math is float32 in the same operation order.
 #include "common.cuh"
 
-// Rollout grouping: labels (int32/int64) or contiguous blocks of `size` rollouts.
+// Rollout grouping: labels (int32/int64) or contiguous blocks of `size` rollouts. With labels
+// `order` holds the rollouts sorted by (label, index) (dapo_resolve_groups), so in both cases
+// a group is a run of positions k of the group order whose members ascend.
 struct Grouping {
-    Side labels;   // p == null: contiguous blocks
-    int64_t size;  // rollouts per block when labels.p is null
+    Side labels;           // p == null: contiguous blocks
+    int64_t size;          // rollouts per block when labels.p is null
+    const int32_t* order;  // [B] with labels: the sorted order
 };
 
-// Whether rollouts a and b share a group.
-HA_DEVICE bool same_group(const Grouping& g, int64_t a, int64_t b) {
-    if (g.labels.p == nullptr) return a / g.size == b / g.size;
-    return load_label(g.labels.p, g.labels.code, a * g.labels.stride) ==
-           load_label(g.labels.p, g.labels.code, b * g.labels.stride);
+// The rollout at position k of the group order.
+HA_DEVICE int64_t member_at(const Grouping& g, int64_t k) {
+    return g.labels.p == nullptr ? k : g.order[k];
 }
 
-// Members of b's group lie in [lo, hi): the whole batch for labels, the block otherwise.
-HA_DEVICE void group_range(const Grouping& g, int64_t b, int64_t batch, int64_t* lo, int64_t* hi) {
+// Whether position k starts a group; if so, *end is one past its last position.
+HA_DEVICE bool group_starting_at(const Grouping& g, int64_t k, int64_t batch, int64_t* end) {
     if (g.labels.p == nullptr) {
-        *lo = b / g.size * g.size;
-        *hi = *lo + g.size;
-    } else {
-        *lo = 0;
-        *hi = batch;
+        *end = k + g.size < batch ? k + g.size : batch;
+        return k % g.size == 0;
     }
+    const int64_t key = key_at(g.labels, g.order[k]);
+    if (k > 0 && key_at(g.labels, g.order[k - 1]) == key) return false;
+    int64_t e = k + 1;
+    while (e < batch && key_at(g.labels, g.order[e]) == key) ++e;
+    *end = e;
+    return true;
 }
+
+struct ResolveParams {
+    Side labels;     // [B]
+    int64_t batch;
+    int32_t* order;  // [2 B] out: the sorted order in [0, B), sort scratch in [B, 2 B)
+};
+
+// Sorts the rollouts by (label, index): O(B log B) (block_sort_by_key of common.cuh).
+// Grid: (1); block: HA_BLOCK threads.
+HA_DEVICE void resolve_dapo_groups(const ResolveParams& p) {
+    block_sort_by_key(p.labels, p.batch, p.order, p.order + p.batch);
+}
+HA_KERNEL(dapo_resolve_groups, resolve_dapo_groups, ResolveParams)
 
 struct RowSumParams {
     Side scores;       // [B] or [B, T] (stride of the row index; `col_stride` along T)
@@ -46,10 +63,7 @@ HA_DEVICE void row_sums(const RowSumParams& p) {
     s = block_sum(s, red);
     if (threadIdx.x == 0) p.totals[b] = s;
 }
-extern "C" __global__ void dapo_row_sums(RowSumParams p) {
-    row_sums(p);
-}
-HA_EXPORT_KERNEL(dapo_row_sums, RowSumParams)
+HA_KERNEL(dapo_row_sums, row_sums, RowSumParams)
 
 struct AdvantageParams {
     const double* totals;  // [B] per-rollout scores
@@ -63,37 +77,33 @@ struct AdvantageParams {
 // A_b = (x_b - mean_g) / (std_g + eps) (or x_b - mean_g), mean and unbiased std of b's group in
 // double over members in ascending order, rounded to float as verl's float32 math; a singleton
 // group has mean 0 and std 1.
-// Grid: ceil(B / HA_BLOCK); one thread per rollout, scanning its group. Threads past B return.
+// Grid: ceil(B / HA_BLOCK); the thread at the first position of a group does the group's work
+// (O(B) in all); the others and threads past B return.
 HA_DEVICE void group_advantages(const AdvantageParams& p) {
-    const int64_t b = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
-    if (b >= p.batch) return;
-    int64_t lo, hi;
-    group_range(p.groups, b, p.batch, &lo, &hi);
+    const int64_t k = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
+    int64_t end;
+    if (k >= p.batch || !group_starting_at(p.groups, k, p.batch, &end)) return;
     double sum = 0.0;
-    int64_t n = 0;
-    for (int64_t j = lo; j < hi; ++j) {
-        if (same_group(p.groups, j, b)) {
-            sum += p.totals[j];
-            ++n;
-        }
-    }
+    for (int64_t i = k; i < end; ++i) sum += p.totals[member_at(p.groups, i)];
+    const int64_t n = end - k;
     float mean = 0.0f, std = 1.0f;
     if (n > 1) {
         const double m = sum / static_cast<double>(n);
         double var = 0.0;
-        for (int64_t j = lo; j < hi; ++j) {
-            if (same_group(p.groups, j, b)) var += (p.totals[j] - m) * (p.totals[j] - m);
+        for (int64_t i = k; i < end; ++i) {
+            const double d = p.totals[member_at(p.groups, i)] - m;
+            var += d * d;
         }
         mean = static_cast<float>(m);
         std = static_cast<float>(sqrt(var / static_cast<double>(n - 1)));
     }
-    const float centred = static_cast<float>(p.totals[b]) - mean;
-    p.out[b] = p.norm_by_std ? centred / (std + static_cast<float>(p.eps)) : centred;
+    for (int64_t i = k; i < end; ++i) {
+        const int64_t b = member_at(p.groups, i);
+        const float centred = static_cast<float>(p.totals[b]) - mean;
+        p.out[b] = p.norm_by_std ? centred / (std + static_cast<float>(p.eps)) : centred;
+    }
 }
-extern "C" __global__ void dapo_group_advantages(AdvantageParams p) {
-    group_advantages(p);
-}
-HA_EXPORT_KERNEL(dapo_group_advantages, AdvantageParams)
+HA_KERNEL(dapo_group_advantages, group_advantages, AdvantageParams)
 
 struct SamplingParams {
     Side metric;  // [B]
@@ -102,30 +112,28 @@ struct SamplingParams {
     uint8_t* out;  // [B] bool
 };
 
+HA_DEVICE double metric_of(const SamplingParams& p, int64_t b) {
+    return load_as_double(p.metric.p, p.metric.code, b * p.metric.stride);
+}
+
 // keep_b = |g| == 1 or (no NaN in g and some metric of g differs from the first member's).
-// Grid: ceil(B / HA_BLOCK); one thread per rollout. Threads past B return.
+// Grid: ceil(B / HA_BLOCK); the thread at the first position of a group decides for all its
+// members; the others and threads past B return.
 HA_DEVICE void dynamic_sampling(const SamplingParams& p) {
-    const int64_t b = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
-    if (b >= p.batch) return;
-    int64_t lo, hi;
-    group_range(p.groups, b, p.batch, &lo, &hi);
-    int64_t n = 0;
+    const int64_t k = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
+    int64_t end;
+    if (k >= p.batch || !group_starting_at(p.groups, k, p.batch, &end)) return;
     bool nan = false, differs = false;
-    double first = 0.0;
-    for (int64_t j = lo; j < hi; ++j) {
-        if (!same_group(p.groups, j, b)) continue;
-        const double v = load_as_double(p.metric.p, p.metric.code, j * p.metric.stride);
-        if (n == 0) first = v;
+    const double first = metric_of(p, member_at(p.groups, k));
+    for (int64_t i = k; i < end; ++i) {
+        const double v = metric_of(p, member_at(p.groups, i));
         nan = nan || is_nan(v);
         differs = differs || v != first;
-        ++n;
     }
-    p.out[b] = (n == 1 || (!nan && differs)) ? 1 : 0;
+    const uint8_t keep = (end - k == 1 || (!nan && differs)) ? 1 : 0;
+    for (int64_t i = k; i < end; ++i) p.out[member_at(p.groups, i)] = keep;
 }
-extern "C" __global__ void dapo_dynamic_sampling(SamplingParams p) {
-    dynamic_sampling(p);
-}
-HA_EXPORT_KERNEL(dapo_dynamic_sampling, SamplingParams)
+HA_KERNEL(dapo_dynamic_sampling, dynamic_sampling, SamplingParams)
 
 struct OverlongParams {
     Side lengths;  // [B]
@@ -145,10 +153,7 @@ HA_DEVICE void overlong_penalty(const OverlongParams& p) {
     const double v = -(l - p.expected) / p.buffer_length * p.penalty_factor;
     p.out[b] = static_cast<float>(v < 0.0 ? v : 0.0);  // NaN gives 0, as min(v, 0) on the CPU
 }
-extern "C" __global__ void dapo_overlong_penalty(OverlongParams p) {
-    overlong_penalty(p);
-}
-HA_EXPORT_KERNEL(dapo_overlong_penalty, OverlongParams)
+HA_KERNEL(dapo_overlong_penalty, overlong_penalty, OverlongParams)
 
 // ---------------------------------------------------------------------------------------------
 // Clipped policy loss.
@@ -336,10 +341,7 @@ HA_DEVICE void policy_reduce(const PolicyReduceParams& p) {
         p.metrics[2] = static_cast<float>(tot[4] / den);
     }
 }
-extern "C" __global__ void dapo_policy_reduce(PolicyReduceParams p) {
-    policy_reduce(p);
-}
-HA_EXPORT_KERNEL(dapo_policy_reduce, PolicyReduceParams)
+HA_KERNEL(dapo_policy_reduce, policy_reduce, PolicyReduceParams)
 
 // grad[r, c] = T(factor[r, c] * (up * scale[r])) in place when the forward saved the factor,
 // else T(up * scale[r] * m * w * dl/dlog_prob) recomputed from the inputs; `up` is the

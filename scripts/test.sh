@@ -12,6 +12,9 @@ echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
 cargo clippy --all-targets --features emulation -- -D warnings
 cargo test --no-default-features --features emulation --quiet
+echo "== Rust tests of the kernels, four emulated blocks at once"
+HIDDEN_ALIGN_EMULATED_BLOCKS=4 cargo test --no-default-features --features emulation --quiet \
+    --lib cuda::tests
 
 echo "== CUDA kernels: NVRTC + ptxas for sm_80 and sm_90, no spills"
 python scripts/check_kernels.py
@@ -25,3 +28,5 @@ ruff format --check .
 
 echo "== pytest"
 python -m pytest -q
+echo "== pytest: the emulated kernels again, four blocks of each launch at once"
+HIDDEN_ALIGN_EMULATED_BLOCKS=4 python -m pytest -q tests/test_cuda_emulated.py

@@ -23,6 +23,7 @@ mod _native {
     #[pymodule_export]
     use crate::py::backend::{
         compile_kernels, cuda_status, get_backend, kernel_programs, prepare_cuda, set_backend,
+        set_emulated_blocks,
     };
     #[pymodule_export]
     use crate::py::dapo::{
@@ -36,6 +37,7 @@ mod _native {
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
         m.add("POLICY_CHUNK", crate::cuda::dapo::POLICY_CHUNK)?;
         m.add("ALIGN_WORK_ROWS", crate::cuda::align::WORK_ROWS)?;
+        m.add("ALIGN_LINK_ROWS", crate::cuda::align::LINK_ROWS)?;
         m.add("NVRTC_OPTIONS", crate::cuda::NVRTC_OPTIONS.to_vec())
     }
 }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from hidden_align import dapo
@@ -52,14 +54,34 @@ def with_garbage(t: torch.Tensor, mask: torch.Tensor, value=float("nan")) -> tor
     return torch.where(mask, t, torch.full_like(t, value))
 
 
+def clear_of_clip_bounds(logp, old, mask, margin=0.05, clip_low=0.2, clip_high=0.28, clip_c=10.0):
+    """mask without the tokens whose log-ratio lies within `margin` of a clip bound (1 - clip_low,
+    1 + clip_high, the dual clip clip_c). Rounded to a half dtype, such a token's ratio may cross
+    the bound (or tie with it, and torch.maximum splits a tie's gradient), so PyTorch's own
+    half-precision gradient there is 0 or half the exact one: its error, and with it the bound of
+    tests/precision.py, would be as large as the gradient. The log-ratio of a half-precision
+    computation is off by at most ~0.011 (bfloat16: half an ulp of d in [2, 4), the rounding of
+    exp and of the bounds), so 0.05 leaves a wide margin; the clip decisions at the bounds
+    themselves are tested in float32."""
+    d = logp.double() - old.double()
+    near = torch.zeros_like(mask, dtype=torch.bool)
+    for bound in (1 - clip_low, 1 + clip_high, clip_c):
+        near |= (d - math.log(bound)).abs() < margin
+    return mask & ~near
+
+
 def run_ours(logp, old, adv, mask, **kw):
-    x = logp.detach().clone().requires_grad_()
+    # A logp that requires grad is used as it is (a clone would drop an odd offset's layout).
+    x = logp if logp.requires_grad else logp.detach().clone().requires_grad_()
     loss, metrics = dapo.policy_loss(x, old, adv, mask, **kw)
     (g,) = torch.autograd.grad(loss, x)
     return loss, metrics, g
 
 
-def run_reference(logp, old, adv, mask, **kw):
+def run_reference(logp, old, adv, mask, dtype=torch.float64, **kw):
+    """The reference loss, metrics and gradient, computed in ``dtype`` (float64: the exact
+    result; the inputs' half dtype: PyTorch's own low-precision result, the yardstick of
+    tests/precision.py)."""
     names = {
         "clip_ratio_low": "clip_low",
         "clip_ratio_high": "clip_high",
@@ -69,8 +91,8 @@ def run_reference(logp, old, adv, mask, **kw):
         "rollout_is_weights": "weights",
     }
     kw = {names.get(k, k): v for k, v in kw.items()}
-    x = logp.detach().double().requires_grad_()
-    loss, metrics = reference_policy_loss(x, old, adv, mask, **kw)
+    x = logp.detach().to(dtype).requires_grad_()
+    loss, metrics = reference_policy_loss(x, old, adv, mask, dtype=dtype, **kw)
     (g,) = torch.autograd.grad(loss, x) if loss.requires_grad else (torch.zeros_like(x),)
     return loss, metrics, g
 

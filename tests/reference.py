@@ -170,16 +170,18 @@ def policy_loss(
     dp_size=1,
     global_batch_size=None,
     loss_scale_factor=None,
+    dtype=torch.float64,
 ):
     """The clipped token loss and its aggregation, written from the formulas; masked positions
-    are replaced before use so garbage there cannot leak. Returns (loss, metrics)."""
-    m = mask.double()
+    are replaced before use so garbage there cannot leak. Returns (loss, metrics). Computed in
+    ``dtype``: float64 for the reference, a half dtype for PyTorch's own low-precision result."""
+    m = mask.to(dtype)
     on = m != 0
     if adv.dim() == 1:
         adv = adv[:, None].expand_as(logp)
 
     def safe(x):
-        return torch.where(on, x.double(), torch.zeros_like(x, dtype=torch.float64))
+        return torch.where(on, x.to(dtype), torch.zeros_like(x, dtype=dtype))
 
     lp, old, adv = safe(logp), safe(old), safe(adv)
     d = lp - old
@@ -197,12 +199,12 @@ def policy_loss(
     lm = tok * m
     den = m.sum() + 1e-8
     metrics = {
-        "pg_clipfrac": ((l2 > l1).double() * m).sum() / den,
+        "pg_clipfrac": ((l2 > l1).to(dtype) * m).sum() / den,
         "ppo_kl": (-d * m).sum() / den,
-        "pg_clipfrac_lower": (((c1 > l3) & (adv < 0)).double() * m).sum() / den,
+        "pg_clipfrac_lower": (((c1 > l3) & (adv < 0)).to(dtype) * m).sum() / den,
     }
     row_tokens = m.sum(-1)
-    live = (row_tokens > 0).double()
+    live = (row_tokens > 0).to(dtype)
     if agg == "token-mean":
         n = m.sum() if batch_num_tokens is None else batch_num_tokens
         loss = lm.sum() / n * dp_size if n else lm.sum() * 0
@@ -211,7 +213,8 @@ def policy_loss(
     else:
         seq = lm.sum(-1)
         if agg == "seq-mean-token-mean":
-            seq = seq / (row_tokens + 1e-8)
+            # an empty row (sum 0) is divided by 1, not by 1e-8, which float16 rounds to 0
+            seq = seq / torch.where(row_tokens > 0, row_tokens + 1e-8, 1.0)
         gbs = live.sum() if global_batch_size is None else global_batch_size
         loss = (seq * live).sum() / gbs * dp_size if gbs else seq.sum() * 0
         if agg == "seq-mean-token-sum-norm":

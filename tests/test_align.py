@@ -178,3 +178,34 @@ def test_loss_dtype_follows_accumulator():
     ]:
         case = make_case(dtype=dtype)
         assert ha.loss(case.hidden, case.anchors, case.rewards, **case.kwargs()).dtype == expected
+
+
+def _backends():
+    names = ["cpu"]
+    if ha.cuda_status()["emulation_built"]:
+        names.append("cuda-emulated")
+    return names
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("threshold", [1.5, -0.5, 3.0])
+def test_uint8_rewards_are_numbers_compared_with_the_threshold(backend, threshold):
+    """uint8 rewards follow `rewards > threshold` on every backend (only bool means true/false),
+    with thresholds outside [0, 1) where the two rules would differ."""
+    case = make_case(batch=8, group=4, dtype=torch.float32, anchor_prob=1.0)
+    levels = torch.tensor([0, 1, 2, 3, 4, 2, 1, 3], dtype=torch.uint8)
+    with ha.backend(backend):
+        ours, stats = ha.loss(
+            case.hidden,
+            case.anchors,
+            levels,
+            threshold=threshold,
+            return_stats=True,
+            **case.kwargs(),
+        )
+    correct = levels.double() > threshold
+    ref, _ = alignment_loss(
+        case.hidden.double(), case.index, torch.where(correct, 1.0, 0.0), case.labels
+    )
+    assert int(stats["anchored_correct"]) == int(correct.sum())
+    torch.testing.assert_close(ours.double(), ref, atol=1e-5, rtol=1e-5)

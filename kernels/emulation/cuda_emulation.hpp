@@ -1,7 +1,12 @@
 // Executes the kernels of kernels/*.cu on the CPU, for testing without a GPU.
 //
-// Each CUDA thread of a block is a std::thread; blocks run one after another, so `__shared__`
-// variables can be plain statics. `__syncthreads` is a barrier over the block's live threads,
+// Each CUDA thread of a block is a std::thread. A launch runs its blocks on `slots` block
+// slots: one (blocks one after another, the default) or several at once, so that the
+// protocols between the blocks of a launch (the last-block ticket, reads of other blocks'
+// results) run concurrently as on a GPU. Slot s runs blocks s, s + slots, ... on its own
+// threads, with its own copy of the kernels (compiled once per slot in a namespace of their
+// own, kernels_slot.cpp), so `__shared__` variables can be statics of that copy.
+// `__syncthreads` is a barrier over the block's live threads,
 // warp shuffles go through a 32-slot exchange guarded by a per-warp barrier, and a thread that
 // returns early leaves both barriers (as an exited CUDA thread stops counting). Every barrier is
 // a mutex + condition variable, so ThreadSanitizer sees the same ordering a GPU guarantees and
@@ -20,6 +25,11 @@
 #include <vector>
 
 #define HA_EMULATION 1
+
+// Block slots: copies of the kernels, so that up to this many blocks run at once. build.rs
+// compiles kernels_slot.cpp once per slot (a missing copy fails the link).
+#define HA_EMU_SLOTS 4
+#define HA_EMU_FOR_EACH_SLOT(X) X(0) X(1) X(2) X(3)
 
 namespace ha_emu {
 
@@ -70,12 +80,20 @@ struct Warp {
 
 struct Launch {
     dim3 grid, block;
+};
+
+// What the threads of one block in flight share.
+struct BlockSlot {
     Barrier block_barrier;
+    Barrier block_end;
     std::vector<Warp> warps;
     std::vector<unsigned char> dynamic_shared;
 };
 
+inline constexpr int max_slots = HA_EMU_SLOTS;
+
 inline Launch* current = nullptr;
+inline thread_local BlockSlot* slot = nullptr;
 inline thread_local dim3 thread_idx, block_idx;
 inline thread_local unsigned linear_tid = 0;
 
@@ -89,7 +107,7 @@ inline int threads_in_warp(unsigned warp) {
 template <class T>
 T exchange(T v, unsigned src) {
     static_assert(sizeof(T) <= sizeof(uint64_t), "shuffled values are at most 8 bytes");
-    Warp& w = current->warps[linear_tid / 32];
+    Warp& w = slot->warps[linear_tid / 32];
     const unsigned lane = linear_tid % 32;
     std::memcpy(&w.slots[lane], &v, sizeof(T));
     w.barrier.arrive_and_wait();
@@ -101,9 +119,10 @@ T exchange(T v, unsigned src) {
     return out;
 }
 
-// Runs `kernel(params)` over the whole grid; returns after the last block.
-inline void run(void (*kernel)(const void*), const void* params, dim3 grid, dim3 block,
-                size_t dynamic_shared_bytes) {
+// Runs `kernels[s](params)` for the blocks of slot s, `slots` slots at once, over the whole
+// grid; returns after the last block.
+inline void run(void (*const* kernels)(const void*), int slots, const void* params, dim3 grid,
+                dim3 block, size_t dynamic_shared_bytes) {
     static std::mutex one_launch_at_a_time;
     std::lock_guard<std::mutex> lock(one_launch_at_a_time);
     Launch launch;
@@ -111,51 +130,54 @@ inline void run(void (*kernel)(const void*), const void* params, dim3 grid, dim3
     launch.block = block;
     const unsigned n = block.x * block.y * block.z;
     const unsigned warps = (n + 31) / 32;
-    launch.warps = std::vector<Warp>(warps);
-    // Uninitialised shared memory on a GPU holds garbage; a NaN pattern makes reads of it show.
-    launch.dynamic_shared.assign(dynamic_shared_bytes, 0xFF);
+    const unsigned long blocks = static_cast<unsigned long>(grid.x) * grid.y * grid.z;
+    if (slots < 1) slots = 1;
+    if (blocks > 0 && static_cast<unsigned long>(slots) > blocks) slots = static_cast<int>(blocks);
+    std::vector<BlockSlot> state(slots);
     current = &launch;
-    Barrier block_end;
-    block_end.reset(static_cast<int>(n));
-    auto reset_block = [&] {
-        launch.block_barrier.reset(static_cast<int>(n));
-        for (unsigned w = 0; w < warps; ++w) launch.warps[w].barrier.reset(threads_in_warp(w));
+    for (BlockSlot& b : state) {
+        b.warps = std::vector<Warp>(warps);
+        // Uninitialised shared memory on a GPU holds garbage; a NaN pattern makes reads show.
+        b.dynamic_shared.assign(dynamic_shared_bytes, 0xFF);
+        b.block_end.reset(static_cast<int>(n));
+    }
+    auto reset_block = [&](BlockSlot& b) {
+        b.block_barrier.reset(static_cast<int>(n));
+        for (unsigned w = 0; w < warps; ++w) b.warps[w].barrier.reset(threads_in_warp(w));
     };
-    reset_block();
+    for (BlockSlot& b : state) reset_block(b);
     std::vector<std::thread> threads;
-    threads.reserve(n);
-    for (unsigned t = 0; t < n; ++t) {
-        threads.emplace_back([&, t] {
-            linear_tid = t;
-            thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
-            for (unsigned z = 0; z < grid.z; ++z) {
-                for (unsigned y = 0; y < grid.y; ++y) {
-                    for (unsigned x = 0; x < grid.x; ++x) {
-                        block_idx = dim3{x, y, z};
-                        kernel(params);
-                        // The thread has exited this block: it no longer counts at barriers.
-                        launch.warps[t / 32].barrier.arrive_and_drop();
-                        launch.block_barrier.arrive_and_drop();
-                        block_end.arrive_and_wait();
-                        if (t == 0) reset_block();
-                        block_end.arrive_and_wait();
-                    }
+    threads.reserve(static_cast<size_t>(n) * slots);
+    for (int s = 0; s < slots; ++s) {
+        for (unsigned t = 0; t < n; ++t) {
+            threads.emplace_back([&, s, t] {
+                BlockSlot& mine = state[s];
+                slot = &mine;
+                linear_tid = t;
+                thread_idx = dim3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
+                const unsigned long plane = static_cast<unsigned long>(grid.x) * grid.y;
+                for (unsigned long l = s; l < blocks; l += slots) {
+                    block_idx = dim3{static_cast<unsigned>(l % grid.x),
+                                     static_cast<unsigned>((l / grid.x) % grid.y),
+                                     static_cast<unsigned>(l / plane)};
+                    kernels[s](params);
+                    // The thread has exited this block: it no longer counts at barriers.
+                    mine.warps[t / 32].barrier.arrive_and_drop();
+                    mine.block_barrier.arrive_and_drop();
+                    mine.block_end.arrive_and_wait();
+                    if (t == 0) reset_block(mine);
+                    mine.block_end.arrive_and_wait();
                 }
-            }
-        });
+            });
+        }
     }
     for (auto& th : threads) th.join();
     current = nullptr;
 }
 
-template <class P, void (*K)(P)>
-void trampoline(const void* params) {
-    K(*static_cast<const P*>(params));
-}
-
 struct Entry {
     const char* name;
-    void (*fn)(const void*);
+    void (*fn[max_slots])(const void*);
 };
 
 inline std::vector<Entry>& registry() {
@@ -163,8 +185,25 @@ inline std::vector<Entry>& registry() {
     return entries;
 }
 
+inline std::mutex& registry_mutex() {
+    static std::mutex m;
+    return m;
+}
+
+// Records slot `s`'s copy of kernel `name` (static initialisers of kernels_slot.cpp).
 struct Register {
-    Register(const char* name, void (*fn)(const void*)) { registry().push_back({name, fn}); }
+    Register(const char* name, int s, void (*fn)(const void*)) {
+        std::lock_guard<std::mutex> lock(registry_mutex());
+        for (Entry& e : registry()) {
+            if (std::strcmp(e.name, name) == 0) {
+                e.fn[s] = fn;
+                return;
+            }
+        }
+        Entry e{name, {}};
+        e.fn[s] = fn;
+        registry().push_back(e);
+    }
 };
 
 template <class T>
@@ -187,12 +226,11 @@ inline T bits_as(const void* p) {
 #define blockDim (ha_emu::current->block)
 #define gridDim (ha_emu::current->grid)
 #define HA_DYNAMIC_SHARED(type, name) \
-    type* name = reinterpret_cast<type*>(ha_emu::current->dynamic_shared.data())
+    type* name = reinterpret_cast<type*>(ha_emu::slot->dynamic_shared.data())
 
-inline void __syncthreads() { ha_emu::current->block_barrier.arrive_and_wait(); }
-// Blocks run one after another, each ending at a barrier: every write of an earlier block is
-// already visible, so the fence has nothing to order (and TSan does not model fences).
-inline void __threadfence() {}
+inline void __syncthreads() { ha_emu::slot->block_barrier.arrive_and_wait(); }
+// Orders this thread's writes before its later atomics, as between concurrent blocks.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     return ha_emu::exchange(v, (ha_emu::linear_tid % 32) ^ static_cast<unsigned>(lane_mask));
@@ -208,7 +246,9 @@ inline unsigned __float_as_uint(float f) { return ha_emu::bits_as<unsigned>(&f);
 inline float __uint_as_float(unsigned u) { return ha_emu::bits_as<float>(&u); }
 inline long long __double_as_longlong(double d) { return ha_emu::bits_as<long long>(&d); }
 
-// Registers `name` so the Rust launcher finds it by the name NVRTC would export.
-#define HA_EXPORT_KERNEL(name, Params)                                                 \
-    static ha_emu::Register ha_register_##name(#name,                                  \
-                                               &ha_emu::trampoline<Params, name>);
+// Registers slot HA_EMU_SLOT's copy of a kernel under the name NVRTC would export; `call` is
+// the device function the kernel runs on its parameter struct.
+#define HA_EMU_REGISTER(var, name, Params, call)                            \
+    static ha_emu::Register var(name, HA_EMU_SLOT, [](const void* params) { \
+        call(*static_cast<const Params*>(params));                          \
+    });

@@ -25,6 +25,22 @@ def same_device(first: tuple, *others: tuple) -> None:
             )
 
 
+def moves_to(source: torch.device, target: torch.device) -> bool:
+    """Whether group ids on ``source`` are copied to data on ``target``: host ids for CUDA data
+    only (every other mismatch stays a :class:`DeviceError`)."""
+    return source.type == "cpu" and target.type == "cuda"
+
+
+def group_ids_on(group_ids, data: torch.Tensor):
+    """``group_ids`` on the device of ``data``: ids on the host (e.g. from
+    ``group_ids_from_uids``) for CUDA data are copied over with ``non_blocking=True`` (the
+    source is staged at once, so nothing waits for the device); anything else is returned as it
+    is, for :func:`same_device` to judge."""
+    if isinstance(group_ids, torch.Tensor) and moves_to(group_ids.device, data.device):
+        return group_ids.to(data.device, non_blocking=True)
+    return group_ids
+
+
 def check_int(name: str, value, optional: bool = True) -> None:
     if value is None and optional:
         return

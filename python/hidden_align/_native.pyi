@@ -5,6 +5,7 @@ import torch
 __version__: str
 POLICY_CHUNK: int
 ALIGN_WORK_ROWS: int
+ALIGN_LINK_ROWS: int
 NVRTC_OPTIONS: list[str]
 
 def align_forward(
@@ -48,7 +49,11 @@ def align_backward(
     stream: int | None = None,
 ) -> None: ...
 def scatter_add_rows(
-    dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor, stream: int | None = None
+    dst: torch.Tensor,
+    rows: torch.Tensor,
+    vals: torch.Tensor,
+    links: torch.Tensor | None = None,
+    stream: int | None = None,
 ) -> None: ...
 def data_ptr(tensor: torch.Tensor) -> int: ...
 def group_advantages(
@@ -59,6 +64,7 @@ def group_advantages(
     norm_by_std: bool,
     out: torch.Tensor,
     totals: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
     stream: int | None = None,
 ) -> None: ...
 def dynamic_sampling_mask(
@@ -66,6 +72,7 @@ def dynamic_sampling_mask(
     group_ids: torch.Tensor | None,
     group_size: int | None,
     out: torch.Tensor,
+    order: torch.Tensor | None = None,
     stream: int | None = None,
 ) -> None: ...
 def overlong_penalty(
@@ -101,6 +108,7 @@ def policy_loss_backward(
     saved_factor: bool,
     stream: int | None = None,
 ) -> None: ...
+def set_emulated_blocks(n: int) -> None: ...
 def set_backend(name: str) -> None: ...
 def get_backend() -> str: ...
 def cuda_status() -> dict: ...

@@ -100,7 +100,9 @@ def _add_rows_(dst: torch.Tensor, rows: torch.Tensor, vals: torch.Tensor) -> tor
         flat = dst.reshape(-1, dst.shape[-1])
         keep = rows >= 0
         return flat.index_add(0, rows[keep], vals[keep].to(dst.dtype)).view_as(dst)
-    _native.scatter_add_rows(dst.detach(), rows, vals, stream_of(dst))
+    # Scratch of the CUDA kernels (unused on the CPU backend): repeated rows found by a sort.
+    links = torch.empty(4 * rows.numel(), dtype=torch.int32, device=dst.device)
+    _native.scatter_add_rows(dst.detach(), rows, vals, links, stream_of(dst))
     return dst
 
 

@@ -12,6 +12,7 @@ from ._args import (
     check_choice,
     check_int,
     detached,
+    group_ids_on,
     require_tensor,
     same_device,
 )
@@ -47,7 +48,7 @@ class _AlignLoss(torch.autograd.Function):
         counts = torch.empty(2, dtype=torch.int64, device=dev)
         # Scratch of the kernel backend, kept for its backward (unused on the CPU backend).
         work = torch.empty(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
-        links = torch.empty(2 * batch + 1, dtype=torch.int32, device=dev)
+        links = torch.empty(_native.ALIGN_LINK_ROWS * batch + 1, dtype=torch.int32, device=dev)
         stream = stream_of(hidden)
         num_groups, on_kernels = _native.align_forward(
             hidden.detach(),
@@ -150,9 +151,12 @@ def loss(
             (``[B, T]`` padded; ``[N]`` packed, with ``cu_seqlens``) or int64 indices ``[B]``
             (position in ``T`` padded, row in ``N`` packed; -1 for no anchor).
         rewards: ``[B]`` scores, accuracies or bools; correct means ``rewards > threshold``
-            (bool: ``True``). NaN counts as incorrect.
+            for every numeric dtype, uint8 included (bool: ``True``). NaN counts as incorrect.
         group_ids: int64 ``[B]`` prompt labels in any order. Exactly one of ``group_ids`` and
-            ``group_size`` is required.
+            ``group_size`` is required. On the device of ``hidden``, or on the CPU for CUDA
+            ``hidden`` (as ``dapo.group_ids_from_uids`` makes them): then they are copied to
+            the device with ``non_blocking=True``, without waiting for it. Pass them on the
+            device under CUDA graph capture, where a copy from host memory is not allowed.
         group_size: rollouts per prompt when groups are contiguous blocks.
         loss_type: ``"cosine"`` (mean pairwise ``1 - cos``, default), ``"centroid"``,
             ``"mse"`` or ``"contrastive"`` (InfoNCE, temperature ``tau``).
@@ -191,6 +195,7 @@ def loss(
     require_tensor("group_ids", group_ids, optional=True)
     require_tensor("cu_seqlens", cu_seqlens, optional=True)
     check_int("group_size", group_size)
+    group_ids = group_ids_on(group_ids, hidden)
     same_device(
         ("hidden", hidden),
         ("mask", mask),

@@ -19,6 +19,7 @@ from ._args import (
     check_choice,
     check_int,
     detached,
+    group_ids_on,
     require_tensor,
     same_device,
 )
@@ -61,17 +62,23 @@ def _normaliser(name: str, value) -> tuple:
     return _optional_number(name, value), None
 
 
-def group_ids_from_uids(uids: Iterable) -> torch.Tensor:
+def group_ids_from_uids(uids: Iterable, *, device=None) -> torch.Tensor:
     """int64 group ids from verl's per-rollout uid strings (``batch.non_tensor_batch["uid"]``).
 
     Uses a stable hash (the first 8 bytes of BLAKE2b), so every data-parallel rank derives the
     same id for the same uid; Python's ``hash`` is salted per process and would not.
+
+    Args:
+        uids: the uids, any iterable (a numpy object array, a list of strings).
+        device: where to create the ids; default None, the CPU. Every op taking ``group_ids``
+            also accepts CPU ids with CUDA data and copies them over without blocking.
     """
     out = []
     for uid in uids:
         digest = hashlib.blake2b(str(uid).encode(), digest_size=8).digest()
         out.append(int.from_bytes(digest, "little", signed=True))
-    return torch.tensor(out, dtype=torch.int64)
+    ids = torch.tensor(out, dtype=torch.int64)
+    return ids if device is None else ids.to(device, non_blocking=True)
 
 
 def group_advantages(
@@ -89,7 +96,9 @@ def group_advantages(
 
     Args:
         scores: ``[B]`` per-rollout scores, or token-level rewards ``[B, T]`` (summed over T).
-        group_ids: int64 ``[B]`` prompt labels in any order (see :func:`group_ids_from_uids`).
+        group_ids: int64 ``[B]`` prompt labels in any order (see :func:`group_ids_from_uids`),
+            on the device of ``scores`` or, for CUDA ``scores``, on the CPU (then copied to the
+            device with ``non_blocking=True``; pass them on the device under graph capture).
         group_size: rollouts per prompt for contiguous groups (exactly one of the two).
         eps: added to the std (verl 1e-6; OpenRLHF uses 1e-9, TRL 1e-4).
         norm_by_std: divide by the std.
@@ -104,13 +113,16 @@ def group_advantages(
     require_tensor("scores", scores)
     require_tensor("group_ids", group_ids, optional=True)
     check_int("group_size", group_size)
+    group_ids = group_ids_on(group_ids, scores)
     same_device(("scores", scores), ("group_ids", group_ids))
     out = torch.empty(
         scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
     )
     stream = stream_of(scores)
-    # float64 per-rollout sums: scratch of the CUDA kernels (unused on the CPU backend).
+    # Scratch of the CUDA kernels (unused on the CPU backend): float64 per-rollout sums and the
+    # rollouts sorted by group label.
     totals = torch.empty(out.shape[0], dtype=torch.float64, device=scores.device)
+    order = torch.empty(2 * out.shape[0], dtype=torch.int32, device=scores.device)
     _native.group_advantages(
         scores.detach(),
         detached(group_ids),
@@ -119,6 +131,7 @@ def group_advantages(
         bool(norm_by_std),
         out,
         totals,
+        order,
         stream,
     )
     return out
@@ -135,7 +148,8 @@ def dynamic_sampling_mask(
 
     Args:
         metric: ``[B]`` per-rollout metric, any numeric dtype.
-        group_ids: int64 ``[B]`` prompt labels; or ``group_size`` for contiguous groups.
+        group_ids: int64 ``[B]`` prompt labels (on the CPU for CUDA ``metric`` they are copied
+            over, as in :func:`group_advantages`); or ``group_size`` for contiguous groups.
 
     Returns:
         bool ``[B]``.
@@ -147,12 +161,15 @@ def dynamic_sampling_mask(
     require_tensor("metric", metric)
     require_tensor("group_ids", group_ids, optional=True)
     check_int("group_size", group_size)
+    group_ids = group_ids_on(group_ids, metric)
     same_device(("metric", metric), ("group_ids", group_ids))
     out = torch.empty(
         metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
     )
+    # Scratch of the CUDA kernels: the rollouts sorted by group label.
+    order = torch.empty(2 * out.shape[0], dtype=torch.int32, device=metric.device)
     _native.dynamic_sampling_mask(
-        metric.detach(), detached(group_ids), group_size, out, stream_of(metric)
+        metric.detach(), detached(group_ids), group_size, out, order, stream_of(metric)
     )
     return out
 

@@ -5,10 +5,14 @@ use crate::error::Result;
 use crate::ops::align::{AlignConfig, LossType, Reduction};
 use crate::ops::anchors::{Anchors, RowSpace};
 use crate::ops::groups::Grouping;
-use crate::tensor::{DType, TensorRef};
+use crate::tensor::TensorRef;
 
 /// Float32 scratch rows of `work` (`[WORK_ROWS, B]`).
 pub const WORK_ROWS: usize = 8;
+
+/// Int32 entries of `links` per rollout (`[LINK_ROWS * B + 1]`): next member, leader flag and
+/// the two buffers of the label sort, plus the block ticket.
+pub const LINK_ROWS: usize = 4;
 
 /// `struct AlignParams` of `kernels/anchor_align.cu`.
 #[repr(C)]
@@ -56,7 +60,7 @@ struct AlignParams {
 /// Buffers the forward fills and the backward reads, allocated by the caller: int64 `rows`
 /// and `groups`, bool `correct`, float32 `group_loss`, bool `group_valid` (all `[B]`),
 /// float32 `loss` and `mean_cosine` (0-d), int64 `counts` `[2]`, float32 `work` `[8, B]`, int32
-/// `links` `[2 B + 1]`.
+/// `links` `[4 B + 1]`.
 pub struct AlignBuffers<'a, 'b> {
     /// Flat anchor row per rollout.
     pub rows: &'b TensorRef<'a>,
@@ -159,8 +163,9 @@ pub struct AlignInputs<'a, 'b> {
     pub cu_seqlens: Option<&'b TensorRef<'a>>,
 }
 
-/// Forward in two launches (`align_prepare`, `align_groups`), both over max(B, 1) blocks. Shapes and
-/// dtypes were checked by the caller.
+/// Forward in two launches (`align_prepare`, `align_groups`), both over max(B, 1) blocks, after
+/// `align_resolve_groups` (one block) when groups come as labels. Shapes and dtypes were
+/// checked by the caller.
 pub fn forward(
     exec: &Executor,
     hidden: &TensorRef,
@@ -176,11 +181,8 @@ pub fn forward(
         Anchors::Index(t) => (t, false),
     };
     p.anchors = ptr(anchors);
-    p.anchor_code = if anchors.dtype() == DType::U8 {
-        0
-    } else {
-        super::code_of(anchors.dtype())
-    };
+    // A mask marks anchors with any nonzero byte, bool or uint8 alike.
+    p.anchor_code = super::code_of(anchors.dtype());
     p.anchor_is_mask = is_mask as i64;
     p.anchor_s0 = stride(anchors, 0);
     p.anchor_s1 = stride(anchors, 1);
@@ -193,6 +195,14 @@ pub fn forward(
         Grouping::Size(g) => p.group_size = *g as i64,
     }
     let dtype = suffix(hidden.dtype());
+    if matches!(inputs.grouping, Grouping::Ids(_)) && batch > 0 {
+        exec.launch(
+            Family::AnchorAlign,
+            "align_resolve_groups",
+            Grid::blocks(1)?,
+            &p,
+        )?;
+    }
     // One block even for B = 0, so that the loss and counts are written.
     let grid = Grid::blocks(batch.max(1))?;
     exec.launch(

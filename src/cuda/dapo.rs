@@ -23,19 +23,48 @@ pub fn policy_chunks(t: usize) -> usize {
 struct GroupingParams {
     labels: Side,
     size: i64,
+    order: u64,
+}
+
+/// `struct ResolveParams` of `kernels/dapo.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ResolveParams {
+    labels: Side,
+    batch: i64,
+    order: u64,
 }
 
 impl GroupingParams {
-    fn of(g: &Grouping) -> Self {
+    /// With labels, first sorts the rollouts into `order` (int32 `[2 B]`, one launch of one
+    /// block): the group kernels then find each group as a run of the sorted order.
+    fn resolve(exec: &Executor, g: &Grouping, batch: usize, order: &TensorRef) -> Result<Self> {
         match g {
-            Grouping::Ids(t) => GroupingParams {
-                labels: Side::of(t),
-                size: 0,
-            },
-            Grouping::Size(s) => GroupingParams {
+            Grouping::Ids(t) => {
+                let params = ResolveParams {
+                    labels: Side::of(t),
+                    batch: batch as i64,
+                    order: ptr(order),
+                };
+                if batch > 0 {
+                    exec.launch(
+                        Family::Dapo,
+                        "dapo_resolve_groups",
+                        Grid::blocks(1)?,
+                        &params,
+                    )?;
+                }
+                Ok(GroupingParams {
+                    labels: params.labels,
+                    size: 0,
+                    order: params.order,
+                })
+            }
+            Grouping::Size(s) => Ok(GroupingParams {
                 labels: Side::NONE,
                 size: *s as i64,
-            },
+                order: 0,
+            }),
         }
     }
 }
@@ -60,8 +89,10 @@ struct AdvantageParams {
     out: u64,
 }
 
-/// Group advantages in two launches: per-rollout score sums into `totals` (float64 `[B]`
-/// scratch), then one thread per rollout over its group. Shapes were checked by the caller.
+/// Group advantages: per-rollout score sums into `totals` (float64 `[B]` scratch), the label
+/// sort into `order` (int32 `[2 B]` scratch) when groups come as labels, then one thread per
+/// group. Shapes were checked by the caller.
+#[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     exec: &Executor,
     scores: &TensorRef,
@@ -69,6 +100,7 @@ pub fn group_advantages(
     eps: f64,
     norm_by_std: bool,
     totals: &TensorRef,
+    order: &TensorRef,
     out: &TensorRef,
 ) -> Result<()> {
     let batch = scores.shape()[0];
@@ -81,7 +113,7 @@ pub fn group_advantages(
     exec.launch(Family::Dapo, "dapo_row_sums", Grid::blocks(batch)?, &sums)?;
     let adv = AdvantageParams {
         totals: ptr(totals),
-        groups: GroupingParams::of(grouping),
+        groups: GroupingParams::resolve(exec, grouping, batch, order)?,
         batch: batch as i64,
         eps,
         norm_by_std: norm_by_std as i64,
@@ -104,17 +136,19 @@ struct SamplingParams {
     out: u64,
 }
 
-/// Dynamic-sampling mask: one launch, one thread per rollout.
+/// Dynamic-sampling mask: the label sort into `order` (int32 `[2 B]` scratch) when groups come
+/// as labels, then one thread per group.
 pub fn dynamic_sampling_mask(
     exec: &Executor,
     metric: &TensorRef,
     grouping: &Grouping,
+    order: &TensorRef,
     out: &TensorRef,
 ) -> Result<()> {
     let batch = metric.shape()[0];
     let params = SamplingParams {
         metric: Side::of(metric),
-        groups: GroupingParams::of(grouping),
+        groups: GroupingParams::resolve(exec, grouping, batch, order)?,
         batch: batch as i64,
         out: ptr(out),
     };

@@ -4,14 +4,20 @@
 //! dynamically, so none of this is touched on machines without CUDA; the Python package
 //! preloads the NVRTC that came with PyTorch (see `python/hidden_align/_cuda.py`), which
 //! cudarc then finds by its soname.
+//!
+//! What to compile to is decided in `target.rs`, compiling (through the on-disk cache of
+//! `disk_cache.rs`) is `compile.rs`, and `kernel_names.rs` reads the kernels an image defines.
 
 use std::collections::HashMap;
-use std::ffi::{CString, c_char, c_int, c_void};
+use std::ffi::{CString, c_int, c_void};
 use std::sync::{LazyLock, Mutex, OnceLock};
 
 use cudarc::driver::{DriverError, result as dres, sys as dsys};
-use cudarc::nvrtc::{result as nres, sys as nsys};
+use cudarc::nvrtc::sys as nsys;
 
+use super::compile::{image, load_or_recompile};
+use super::kernel_names::image_kernels;
+use super::target::{driver_version, nvrtc_version, target_of};
 use super::{BLOCK, Family, Grid};
 use crate::error::{Error, Result};
 
@@ -30,6 +36,12 @@ pub struct Status {
     pub devices: Option<i32>,
     /// Why the backend cannot run, when it cannot.
     pub reason: Option<String>,
+    /// What NVRTC compiles the kernels to for the devices (`sm_90`: a CUBIN, `compute_90`:
+    /// PTX the driver finishes), per device when they differ; none when it cannot.
+    pub kernel_target: Option<String>,
+    /// Why that target (or why none can be loaded), from
+    /// [`choose_target`](super::target::choose_target).
+    pub kernel_target_reason: Option<String>,
 }
 
 fn describe(e: DriverError) -> String {
@@ -44,7 +56,7 @@ fn describe(e: DriverError) -> String {
     format!("{name}: {text}")
 }
 
-fn driver_error(what: &str) -> impl Fn(DriverError) -> Error + '_ {
+pub(super) fn driver_error(what: &str) -> impl Fn(DriverError) -> Error + '_ {
     move |e| Error::Kernel {
         op: "CUDA driver",
         message: format!("{what} failed: {}", describe(e)),
@@ -88,14 +100,7 @@ pub fn status() -> Status {
         unsafe { (dsys::is_culib_present(), nsys::is_culib_present()) };
     s.nvrtc_version = nvrtc_version();
     if s.driver_found {
-        let mut version: c_int = 0;
-        // SAFETY: one out-parameter; allowed before cuInit.
-        if unsafe { dsys::cuDriverGetVersion(&mut version) }
-            .result()
-            .is_ok()
-        {
-            s.driver_version = Some(version);
-        }
+        s.driver_version = driver_version();
     }
     match ensure_init() {
         Ok(()) => {
@@ -109,7 +114,38 @@ pub fn status() -> Status {
         Err(Error::CudaUnavailable { reason }) => s.reason = Some(reason),
         Err(e) => s.reason = Some(e.to_string()),
     }
+    if s.reason.is_none() && s.devices.unwrap_or(0) > 0 {
+        describe_targets(&mut s);
+    }
     s
+}
+
+/// Fills in the kernel target of every device: one line when they agree, else one per device.
+/// When no device can load the kernels, that is also why the backend cannot run.
+fn describe_targets(s: &mut Status) {
+    let choices: Vec<(Option<String>, String)> = (0..s.devices.unwrap_or(0))
+        .map(|ordinal| match target_of(ordinal) {
+            Ok(c) => (Some(c.target.arch()), c.reason),
+            Err(Error::CudaUnavailable { reason }) => (None, reason),
+            Err(e) => (None, e.to_string()),
+        })
+        .collect();
+    if choices.windows(2).all(|w| w[0] == w[1]) {
+        let (target, reason) = choices[0].clone();
+        (s.kernel_target, s.kernel_target_reason) = (target, Some(reason));
+    } else {
+        let mut targets = Vec::new();
+        let mut reasons = Vec::new();
+        for (i, (target, reason)) in choices.iter().enumerate() {
+            targets.push(format!("cuda:{i} {}", target.as_deref().unwrap_or("none")));
+            reasons.push(format!("cuda:{i} {reason}"));
+        }
+        s.kernel_target = Some(targets.join("; "));
+        s.kernel_target_reason = Some(reasons.join("; "));
+    }
+    if choices.iter().all(|(target, _)| target.is_none()) {
+        s.reason = s.kernel_target_reason.clone();
+    }
 }
 
 /// Handles are raw pointers; they cross threads as integers behind the cache's lock.
@@ -121,6 +157,8 @@ struct Cache {
     modules: HashMap<(i32, Family), usize>,
     /// Kernel handle per (device, name).
     functions: HashMap<i32, HashMap<String, usize>>,
+    /// The kernels of each loaded module, per (device, family).
+    kernels: HashMap<(i32, Family), Vec<String>>,
 }
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
@@ -138,221 +176,68 @@ fn context(cache: &mut Cache, ordinal: i32) -> Result<dsys::CUcontext> {
     Ok(ctx)
 }
 
-/// What NVRTC produces for a device.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
-    /// Machine code for `sm_<arch>`.
-    Cubin(u32),
-    /// PTX for `compute_<arch>`, which the driver compiles for a newer device at load time.
-    Ptx(u32),
-}
-
-/// Architectures the loaded NVRTC can compile for (e.g. 75, 80, ..., 120); empty if unknown.
-fn supported_archs() -> Vec<u32> {
-    let mut n: c_int = 0;
-    // SAFETY: one out-parameter, then a buffer of that many entries; NVRTC is loaded.
-    if unsafe { nsys::nvrtcGetNumSupportedArchs(&mut n) }
-        .result()
-        .is_err()
-        || n <= 0
-    {
-        return Vec::new();
-    }
-    let mut archs = vec![0 as c_int; n as usize];
-    if unsafe { nsys::nvrtcGetSupportedArchs(archs.as_mut_ptr()) }
-        .result()
-        .is_err()
-    {
-        return Vec::new();
-    }
-    archs.into_iter().map(|a| a as u32).collect()
-}
-
-/// Compiles `family` for device `ordinal`: a CUBIN for its architecture, or, when the NVRTC at
-/// hand predates the device, PTX for the newest architecture it knows (the driver finishes it).
-fn compile(ordinal: i32, family: Family) -> Result<Vec<u8>> {
-    let dev = dres::device::get(ordinal).map_err(driver_error("cuDeviceGet"))?;
-    let attr = |a| {
-        // SAFETY: a valid device and attribute.
-        unsafe { dres::device::get_attribute(dev, a) }.map_err(driver_error("cuDeviceGetAttribute"))
-    };
-    let major = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
-    let minor = attr(dsys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let cc = (major * 10 + minor) as u32;
-    let supported = supported_archs();
-    if supported.is_empty() || supported.contains(&cc) {
-        return compile_image(family, Target::Cubin(cc));
-    }
-    match supported.iter().copied().filter(|&a| a <= cc).max() {
-        Some(arch) => compile_image(family, Target::Ptx(arch)),
-        None => Err(Error::CudaUnavailable {
-            reason: format!(
-                "the loaded NVRTC cannot compile for sm_{cc} (it supports {supported:?}); use \
-                 a PyTorch wheel whose CUDA version supports this GPU"
-            ),
-        }),
-    }
-}
-
-/// NVRTC (major, minor), when the library is present.
-fn nvrtc_version() -> Option<(i32, i32)> {
-    // SAFETY: the presence probe only loads and unloads the library.
-    if !unsafe { nsys::is_culib_present() } {
-        return None;
-    }
-    let (mut major, mut minor): (c_int, c_int) = (0, 0);
-    // SAFETY: two out-parameters; the library is present.
-    unsafe { nsys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .ok()
-        .map(|()| (major, minor))
-}
-
-/// FNV-1a: a stable 64-bit hash of the program text for the on-disk cache key.
-fn fnv1a(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+/// Whether the driver has `cuFuncLoad` (CUDA 12.4 and later).
+fn has_func_load() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        type FuncLoad = unsafe extern "C" fn(dsys::CUfunction) -> dsys::CUresult;
+        // SAFETY: only looks the symbol up in the loaded driver library.
+        unsafe { dsys::culib().get::<FuncLoad>(b"cuFuncLoad").is_ok() }
     })
 }
 
-/// Directory of compiled kernels: `HIDDEN_ALIGN_CACHE_DIR` (empty: no disk cache), else
-/// `$XDG_CACHE_HOME/hidden_align` or `~/.cache/hidden_align`.
-fn cache_dir() -> Option<std::path::PathBuf> {
-    if let Some(dir) = std::env::var_os("HIDDEN_ALIGN_CACHE_DIR") {
-        return (!dir.is_empty()).then(|| dir.into());
+/// Looks up `kernel` in `module` and, under lazy loading (`CUDA_MODULE_LOADING=LAZY`, the
+/// default since CUDA 12.2), finishes loading it now rather than at its first launch.
+fn resolve(module: dsys::CUmodule, kernel: &str) -> Result<dsys::CUfunction> {
+    let name = CString::new(kernel).expect("kernel names have no NUL");
+    // SAFETY: a loaded module and a NUL-terminated name.
+    let f = unsafe { dres::module::get_function(module, name) }
+        .map_err(driver_error("cuModuleGetFunction"))?;
+    if has_func_load() {
+        // SAFETY: a function handle of a loaded module; loading a loaded one does nothing.
+        unsafe { dsys::cuFuncLoad(f) }
+            .result()
+            .map_err(driver_error("cuFuncLoad"))?;
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")))?;
-    Some(base.join("hidden_align"))
-}
-
-/// Compiles `family` for `target` through the on-disk cache, keyed by a hash of the program
-/// and the options, the target and the NVRTC version. Needs NVRTC, not a GPU.
-pub fn compile_image(family: Family, target: Target) -> Result<Vec<u8>> {
-    let program = family.program();
-    let (major, minor) = nvrtc_version().ok_or_else(|| Error::CudaUnavailable {
-        reason: "NVRTC (libnvrtc.so.13 or libnvrtc.so.12) was not found".into(),
-    })?;
-    let (arch, kind) = match target {
-        Target::Cubin(a) => (format!("sm_{a}"), "cubin"),
-        Target::Ptx(a) => (format!("compute_{a}"), "ptx"),
-    };
-    let key = format!(
-        "{}-{:016x}-{arch}-nvrtc{major}.{minor}.{kind}",
-        family.file().trim_end_matches(".cu"),
-        fnv1a(&format!("{program}\n{:?}", super::NVRTC_OPTIONS))
-    );
-    let cached = cache_dir().map(|d| d.join(&key));
-    if let Some(bytes) = cached.as_ref().and_then(|p| std::fs::read(p).ok())
-        && !bytes.is_empty()
-    {
-        return Ok(bytes);
-    }
-    let cubin = nvrtc_image(family, &program, target)?;
-    if let Some(path) = cached {
-        // Best effort: a cache that cannot be written costs a compile next time. Writing to a
-        // temporary file and renaming lets a concurrent reader see the whole file or none.
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        let written = path
-            .parent()
-            .map(std::fs::create_dir_all)
-            .transpose()
-            .and_then(|_| std::fs::write(&tmp, &cubin))
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if written.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-    }
-    Ok(cubin)
-}
-
-fn nvrtc_image(family: Family, program: &str, target: Target) -> Result<Vec<u8>> {
-    let arch = match target {
-        Target::Cubin(a) => format!("sm_{a}"),
-        Target::Ptx(a) => format!("compute_{a}"),
-    };
-    let arch_option = format!("--gpu-architecture={arch}");
-    let mut options = vec![arch_option.as_str()];
-    options.extend_from_slice(super::NVRTC_OPTIONS);
-    let failed = |what: &str, detail: String| Error::Kernel {
-        op: "NVRTC",
-        message: format!(
-            "{what} of kernels/{} for {arch} failed: {detail}",
-            family.file()
-        ),
-    };
-    let source = CString::new(program).expect("kernel sources have no NUL");
-    let name = CString::new(family.file()).expect("file names have no NUL");
-    let prog = nres::create_program(&source, Some(&name))
-        .map_err(|e| failed("nvrtcCreateProgram", format!("{e:?}")))?;
-    // SAFETY: a live program and plain option strings.
-    let compiled = unsafe { nres::compile_program(prog, &options) };
-    let result = match compiled {
-        Err(e) => {
-            // SAFETY: the program is live.
-            let log = unsafe { nres::get_program_log(prog) }
-                .map(|l| {
-                    let bytes: Vec<u8> =
-                        l.iter().map(|&c| c as u8).take_while(|&c| c != 0).collect();
-                    String::from_utf8_lossy(&bytes).into_owned()
-                })
-                .unwrap_or_default();
-            Err(failed("compilation", format!("{e:?}\n{log}")))
-        }
-        Ok(()) => match target {
-            Target::Cubin(_) => cubin_of(prog).map_err(|e| failed("nvrtcGetCUBIN", e)),
-            Target::Ptx(_) => ptx_of(prog).map_err(|e| failed("nvrtcGetPTX", e)),
-        },
-    };
-    // SAFETY: the program is live and not used afterwards.
-    let _ = unsafe { nres::destroy_program(prog) };
-    result
-}
-
-/// The PTX of a compiled program, NUL-terminated as `cuModuleLoadData` wants it.
-fn ptx_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
-    // SAFETY: a compiled program.
-    let ptx = unsafe { nres::get_ptx(prog) }.map_err(|e| format!("{e:?}"))?;
-    let mut bytes: Vec<u8> = ptx
-        .iter()
-        .map(|&c| c as u8)
-        .take_while(|&c| c != 0)
-        .collect();
-    if bytes.is_empty() {
-        return Err("an empty image".into());
-    }
-    bytes.push(0);
-    Ok(bytes)
-}
-
-fn cubin_of(prog: nsys::nvrtcProgram) -> std::result::Result<Vec<u8>, String> {
-    let mut size = 0usize;
-    // SAFETY: a compiled program; one out-parameter, then a buffer of that size.
-    unsafe { nsys::nvrtcGetCUBINSize(prog, &mut size) }
-        .result()
-        .map_err(|e| format!("{e:?}"))?;
-    let mut cubin = vec![0u8; size];
-    unsafe { nsys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr() as *mut c_char) }
-        .result()
-        .map_err(|e| format!("{e:?}"))?;
-    if cubin.is_empty() {
-        return Err("an empty image".into());
-    }
-    Ok(cubin)
+    Ok(f)
 }
 
 /// The loaded module of `family` on device `ordinal` (its context current), compiled on first
-/// use.
+/// use, with the handle of every kernel it defines resolved into the cache: no later launch
+/// looks one up (a launch inside CUDA graph capture must not load anything).
 fn module(cache: &mut Cache, ordinal: i32, family: Family) -> Result<dsys::CUmodule> {
     if let Some(&m) = cache.modules.get(&(ordinal, family)) {
         return Ok(m as dsys::CUmodule);
     }
-    let cubin = compile(ordinal, family)?;
-    // SAFETY: a complete CUBIN image for this device, with its context current.
-    let m = unsafe { dres::module::load_data(cubin.as_ptr() as *const c_void) }
-        .map_err(driver_error("cuModuleLoadData"))?;
+    let choice = target_of(ordinal)?;
+    let failed = |what: &str, detail: String| Error::Kernel {
+        op: "CUDA driver",
+        message: format!(
+            "{what} of kernels/{} failed: {detail} (the image: {})",
+            family.file(),
+            choice.reason
+        ),
+    };
+    let load = |bytes: &[u8]| {
+        let names =
+            image_kernels(bytes, choice.target).map_err(|e| failed("listing the kernels", e))?;
+        // SAFETY: a complete CUBIN or NUL-terminated PTX image for this device, with its
+        // context current.
+        unsafe { dres::module::load_data(bytes.as_ptr() as *const c_void) }
+            .map(|m| (m, names))
+            .map_err(|e| failed("cuModuleLoadData", describe(e)))
+    };
+    let (m, names) = load_or_recompile(|read| image(family, choice.target, read), load)?;
     cache.modules.insert((ordinal, family), m as usize);
+    cache.kernels.insert((ordinal, family), names.clone());
+    for kernel in names {
+        let f = resolve(m, &kernel)?;
+        cache
+            .functions
+            .entry(ordinal)
+            .or_default()
+            .insert(kernel, f as usize);
+    }
     Ok(m)
 }
 
@@ -366,11 +251,12 @@ fn function(
     if let Some(&f) = cache.functions.get(&ordinal).and_then(|m| m.get(kernel)) {
         return Ok(f as dsys::CUfunction);
     }
+    // Loading the module resolves every kernel it defines; a name it did not is looked up.
     let module = module(cache, ordinal, family)?;
-    let name = CString::new(kernel).expect("kernel names have no NUL");
-    // SAFETY: a loaded module and a NUL-terminated name.
-    let f = unsafe { dres::module::get_function(module, name) }
-        .map_err(driver_error("cuModuleGetFunction"))?;
+    if let Some(&f) = cache.functions.get(&ordinal).and_then(|m| m.get(kernel)) {
+        return Ok(f as dsys::CUfunction);
+    }
+    let f = resolve(module, kernel)?;
     cache
         .functions
         .entry(ordinal)
@@ -421,13 +307,19 @@ fn on_device(ordinal: i32) -> Result<(std::sync::MutexGuard<'static, Cache>, Con
     Ok((cache, scope))
 }
 
-/// Compiles (or takes from the disk cache) and loads every kernel family on device `ordinal`,
-/// so that no later call does it: needed before capturing a CUDA graph, where loading a
-/// module is not allowed.
+/// Compiles (or takes from the disk cache) and loads every kernel family on device `ordinal`
+/// and resolves the handle of every kernel of every dtype, so that no later call loads or
+/// looks up anything: needed before capturing a CUDA graph, where loading a module is not
+/// allowed.
 pub fn prepare(ordinal: i32) -> Result<()> {
     let (mut cache, _scope) = on_device(ordinal)?;
     for family in Family::ALL {
         module(&mut cache, ordinal, family)?;
+        // Loading resolved them all; this also covers a load whose resolution failed earlier.
+        let kernels = cache.kernels[&(ordinal, family)].clone();
+        for kernel in &kernels {
+            function(&mut cache, ordinal, family, kernel)?;
+        }
     }
     Ok(())
 }

@@ -7,11 +7,15 @@
 //! its grid; [`Executor::launch`] sends it to the device or to the emulator.
 
 pub mod align;
+pub mod compile;
 pub mod dapo;
+mod disk_cache;
 pub mod driver;
 #[cfg(feature = "emulation")]
 mod emulated;
+pub mod kernel_names;
 pub mod rows;
+pub mod target;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -158,6 +162,26 @@ pub fn emulation_built() -> bool {
     cfg!(feature = "emulation")
 }
 
+/// How many blocks of one launch the emulated backend runs at once (1: one after another);
+/// `None` without the emulation build.
+pub fn emulated_blocks() -> Option<usize> {
+    #[cfg(feature = "emulation")]
+    return Some(emulated::concurrent_blocks());
+    #[cfg(not(feature = "emulation"))]
+    None
+}
+
+/// Sets how many blocks of one launch the emulated backend runs at once.
+pub fn set_emulated_blocks(n: usize) -> Result<()> {
+    #[cfg(feature = "emulation")]
+    return emulated::set_concurrent_blocks(n);
+    #[cfg(not(feature = "emulation"))]
+    {
+        let _ = n;
+        Err(no_emulation())
+    }
+}
+
 /// Which backend runs the ops.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Choice {
@@ -283,7 +307,8 @@ pub fn suffix(dtype: DType) -> &'static str {
 /// dtype code of side inputs (`enum Code` in `kernels/common.cuh`).
 pub fn code_of(dtype: DType) -> i64 {
     match dtype {
-        DType::Bool | DType::U8 => 0,
+        DType::Bool => 0,
+        DType::U8 => 9,
         DType::I32 => 1,
         DType::I64 => 2,
         DType::F32 => 3,

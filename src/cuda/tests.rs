@@ -95,7 +95,7 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
         let (mut group_loss, mut loss, mut cosine) = (vec![0f32; b], vec![0f32], vec![0f32]);
         let mut counts = vec![0i64; 2];
         let mut work = vec![0f32; kalign::WORK_ROWS * b];
-        let mut links = vec![0i32; 2 * b + 1];
+        let mut links = vec![0i32; crate::cuda::align::LINK_ROWS * b + 1];
         let bufs = AlignBuffers {
             rows: &TensorRef::from_slice("rows", &mut rows, &[b]),
             groups: &TensorRef::from_slice("groups", &mut groups, &[b]),
@@ -106,7 +106,11 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
             mean_cosine: &scalar_view("mean_cosine", &mut cosine),
             counts: &TensorRef::from_slice("counts", &mut counts, &[2]),
             work: &TensorRef::from_slice("work", &mut work, &[kalign::WORK_ROWS, b]),
-            links: &TensorRef::from_slice("links", &mut links, &[2 * b + 1]),
+            links: &TensorRef::from_slice(
+                "links",
+                &mut links,
+                &[crate::cuda::align::LINK_ROWS * b + 1],
+            ),
         };
         let inputs = AlignInputs {
             anchors: &anchors,
@@ -249,32 +253,18 @@ fn policy_forward_and_backward_match_the_cpu_backend() {
 fn small_dapo_ops_and_row_scatter_match_the_cpu_backend() {
     let b = 37usize; // a partial last warp
     let mut scores = noise(b, 6);
-    let mut labels: Vec<i64> = (0..b as i64).map(|i| (i * 7) % 5).collect();
-    let mut totals = vec![0f64; b];
-    let mut out = vec![0f32; b];
-    let grouping = Grouping::Ids(TensorRef::from_slice("group_ids", &mut labels, &[b]));
-    let sv = TensorRef::from_slice("scores", &mut scores, &[b]);
-    kdapo::group_advantages(
-        &EMU,
-        &sv,
-        &grouping,
-        1e-6,
-        true,
-        &TensorRef::from_slice("totals", &mut totals, &[b]),
-        &TensorRef::from_slice("out", &mut out, &[b]),
-    )
-    .unwrap();
-    let (group, n) = crate::ops::groups::dense_groups(&grouping, b).unwrap();
-    let sums: Vec<f64> = sv.to_f64_vec().unwrap();
-    let mut cpu = vec![0f32; b];
-    crate::cpu::dapo::group_advantages(&sums, &group, n, 1e-6, true, &mut cpu);
+    let labels: Vec<i64> = (0..b as i64).map(|i| (i * 7) % 5).collect();
+    let (out, cpu, _) = advantages_by_label(&mut scores, labels);
     assert_eq!(out, cpu);
+    let sv = TensorRef::from_slice("scores", &mut scores, &[b]);
+    let mut order = vec![0i32; 2 * b];
 
     let mut keep = vec![false; b];
     kdapo::dynamic_sampling_mask(
         &EMU,
         &sv,
         &Grouping::Size(1),
+        &TensorRef::from_slice("order", &mut order, &[2 * b]),
         &TensorRef::from_slice("out", &mut keep, &[b]),
     )
     .unwrap();
@@ -311,6 +301,55 @@ fn small_dapo_ops_and_row_scatter_match_the_cpu_backend() {
     let space = RowSpace::of(&dv).unwrap();
     let rv = TensorRef::from_slice("rows", &mut rows, &[4]);
     let vv = TensorRef::from_slice("vals", &mut vals, &[4, h]);
-    krows::scatter_add(&EMU, &dv, &space, &rv, &vv).unwrap();
+    let mut links = vec![0i32; 4 * 4];
+    let lv = TensorRef::from_slice("links", &mut links, &[16]);
+    krows::scatter_add(&EMU, &dv, &space, &rv, &vv, &lv).unwrap();
     assert_eq!(dst, expected);
+}
+
+/// Group advantages by `labels` through the kernels and through the CPU backend, and the
+/// order the label sort left in its scratch.
+fn advantages_by_label(
+    scores: &mut [f32],
+    mut labels: Vec<i64>,
+) -> (Vec<f32>, Vec<f32>, Vec<usize>) {
+    let b = scores.len();
+    let mut totals = vec![0f64; b];
+    let mut order = vec![0i32; 2 * b];
+    let mut out = vec![0f32; b];
+    let grouping = Grouping::Ids(TensorRef::from_slice("group_ids", &mut labels, &[b]));
+    let sv = TensorRef::from_slice("scores", scores, &[b]);
+    kdapo::group_advantages(
+        &EMU,
+        &sv,
+        &grouping,
+        1e-6,
+        true,
+        &TensorRef::from_slice("totals", &mut totals, &[b]),
+        &TensorRef::from_slice("order", &mut order, &[2 * b]),
+        &TensorRef::from_slice("out", &mut out, &[b]),
+    )
+    .unwrap();
+    let (group, n) = crate::ops::groups::dense_groups(&grouping, b).unwrap();
+    let sums: Vec<f64> = sv.to_f64_vec().unwrap();
+    let mut cpu = vec![0f32; b];
+    crate::cpu::dapo::group_advantages(&sums, &group, n, 1e-6, true, &mut cpu);
+    let sorted = order[..b].iter().map(|&i| i as usize).collect();
+    (out, cpu, sorted)
+}
+
+/// The one-block label sort at sizes that give each thread several elements and leave runs
+/// of unequal length: groups, their order and the advantages agree with the CPU backend.
+#[test]
+fn label_sort_groups_match_the_cpu_backend_at_larger_batches() {
+    for b in [1usize, 2, 255, 257, 1000] {
+        let mut scores = noise(b, 11);
+        // Labels in a scrambled order, some negative, with unequal group sizes.
+        let labels: Vec<i64> = (0..b as i64).map(|i| ((i * 7919) % 61) - 30).collect();
+        let (out, cpu, sorted) = advantages_by_label(&mut scores, labels.clone());
+        let mut expected: Vec<usize> = (0..b).collect();
+        expected.sort_by_key(|&i| (labels[i], i));
+        assert_eq!(sorted, expected, "b = {b}");
+        assert_eq!(out, cpu, "b = {b}");
+    }
 }

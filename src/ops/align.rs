@@ -237,7 +237,11 @@ fn check_buffers(bufs: &AlignBuffers, batch: usize) -> Result<()> {
     expect_buffer(bufs.mean_cosine, &[], DType::F32)?;
     expect_buffer(bufs.counts, &[2], DType::I64)?;
     expect_buffer(bufs.work, &[cuda::align::WORK_ROWS, batch], DType::F32)?;
-    expect_buffer(bufs.links, &[2 * batch + 1], DType::I32)
+    expect_buffer(
+        bufs.links,
+        &[cuda::align::LINK_ROWS * batch + 1],
+        DType::I32,
+    )
 }
 
 fn check_plan_rows(plan: &AnchorPlan, space: &RowSpace) -> Result<()> {

@@ -18,7 +18,9 @@ const FLOATS: [DType; 4] = [DType::F32, DType::BF16, DType::F16, DType::F64];
 /// Group-normalised outcome advantages (verl `compute_grpo_outcome_advantage`): per group the
 /// mean and unbiased std of the scores, `A = (r - mean) / (std + eps)` or `r - mean`; a
 /// singleton group has mean 0 and std 1. `scores` is `[B]` or token-level `[B, T]` (summed
-/// over T); `out` is float32 `[B]`. The kernel backend needs `totals`, float64 `[B]` scratch.
+/// over T); `out` is float32 `[B]`. The kernel backend needs `totals`, float64 `[B]`, and
+/// `order`, int32 `[2 B]`, as scratch.
+#[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     scores: &TensorRef,
     grouping: &Grouping,
@@ -26,10 +28,11 @@ pub fn group_advantages(
     norm_by_std: bool,
     out: &mut TensorRef,
     totals: Option<&TensorRef>,
+    order: Option<&TensorRef>,
     stream: Option<usize>,
 ) -> Result<()> {
     scores.expect_dtype(&FLOATS)?;
-    let backend = cuda::select(scores, &[grouping_tensor(grouping), totals], stream)?;
+    let backend = cuda::select(scores, &[grouping_tensor(grouping), totals, order], stream)?;
     if scores.ndim() != 1 && scores.ndim() != 2 {
         return Err(Error::shape(
             "scores",
@@ -46,6 +49,8 @@ pub fn group_advantages(
         cuda::expect_buffer(out, &[batch], DType::F32)?;
         let totals = totals.ok_or_else(|| scratch_missing("totals"))?;
         cuda::expect_buffer(totals, &[batch], DType::F64)?;
+        let order = order.ok_or_else(|| scratch_missing("order"))?;
+        cuda::expect_buffer(order, &[2 * batch], DType::I32)?;
         return cuda::dapo::group_advantages(
             &exec,
             scores,
@@ -53,6 +58,7 @@ pub fn group_advantages(
             eps,
             norm_by_std,
             totals,
+            order,
             out,
         );
     }
@@ -66,20 +72,24 @@ pub fn group_advantages(
 }
 
 /// DAPO dynamic sampling: `out[b]` is true when rollout b's group has a metric with nonzero
-/// spread or a single member. A NaN metric counts as no spread.
+/// spread or a single member. A NaN metric counts as no spread. The kernel backend needs
+/// `order`, int32 `[2 B]` scratch.
 pub fn dynamic_sampling_mask(
     metric: &TensorRef,
     grouping: &Grouping,
     out: &mut TensorRef,
+    order: Option<&TensorRef>,
     stream: Option<usize>,
 ) -> Result<()> {
-    let backend = cuda::select(metric, &[grouping_tensor(grouping)], stream)?;
+    let backend = cuda::select(metric, &[grouping_tensor(grouping), order], stream)?;
     metric.expect_ndim(1, "[B]")?;
     let batch = metric.shape()[0];
     if let Backend::Kernels(exec) = backend {
         grouping.check_metadata(batch)?;
         cuda::expect_buffer(out, &[batch], DType::Bool)?;
-        return cuda::dapo::dynamic_sampling_mask(&exec, metric, grouping, out);
+        let order = order.ok_or_else(|| scratch_missing("order"))?;
+        cuda::expect_buffer(order, &[2 * batch], DType::I32)?;
+        return cuda::dapo::dynamic_sampling_mask(&exec, metric, grouping, order, out);
     }
     let (group, num_groups) = dense_groups(grouping, batch)?;
     expect_out(out, &[batch], DType::Bool)?;

@@ -13,11 +13,13 @@ use crate::tensor::{DType, TensorRef};
 /// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows
 /// accumulate). `dst` is `[B, T, H]` or `[N, H]` with any strides, `rows` int64 `[k]` flat
 /// rows, `vals` `[k, H]` contiguous in the accumulator type of `dst` (float64 for float64,
-/// float32 otherwise). Each sum is formed in that type and rounded once.
+/// float32 otherwise). Each sum is formed in that type and rounded once. The kernel backend
+/// needs `links`, int32 `[4 k]` scratch.
 pub fn scatter_add(
     dst: &mut TensorRef,
     rows: &TensorRef,
     vals: &TensorRef,
+    links: Option<&TensorRef>,
     stream: Option<usize>,
 ) -> Result<()> {
     let space = RowSpace::of(dst)?;
@@ -31,13 +33,17 @@ pub fn scatter_add(
             "an expanded view",
         ));
     }
-    if let Backend::Kernels(exec) = cuda::select(dst, &[Some(rows), Some(vals)], stream)? {
+    if let Backend::Kernels(exec) = cuda::select(dst, &[Some(rows), Some(vals), links], stream)? {
         // Row values are checked by the kernel (out-of-range rows are skipped).
         cuda::expect_kernel_float(dst)?;
         let k = rows.numel();
         cuda::expect_buffer(rows, &[k], DType::I64)?;
         cuda::expect_buffer(vals, &[k, space.hidden_size], DType::F32)?;
-        return cuda::rows::scatter_add(&exec, dst, &space, rows, vals);
+        let links = links.ok_or_else(|| {
+            Error::value("links", "a scratch tensor for the kernel backend", "None")
+        })?;
+        cuda::expect_buffer(links, &[4 * k], DType::I32)?;
+        return cuda::rows::scatter_add(&exec, dst, &space, rows, vals, links);
     }
     let rows = rows.to_i64_vec()?;
     if vals.shape() != [rows.len(), space.hidden_size] {

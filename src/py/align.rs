@@ -34,7 +34,7 @@ fn write_i64(out: &mut TensorRef, vals: impl Iterator<Item = i64>) -> Result<()>
 /// backward needs), `out_group_loss` `[B]` and `out_group_valid` bool `[B]` (first G
 /// entries used), `out_loss` and `out_mean_cosine` (0-d, float32 or float64 for float64
 /// hidden), `out_counts` int64 `[2]` = valid groups, anchored correct rollouts.
-/// The kernel backend also fills `work` (float32 `[8, B]`) and `links` (int32 `[2 B + 1]`),
+/// The kernel backend also fills `work` (float32 `[8, B]`) and `links` (int32 `[4 B + 1]`),
 /// which its backward reads.
 #[pyfunction]
 #[pyo3(signature = (hidden, mask, rewards, group_ids, group_size, cu_seqlens, loss_type,
@@ -296,19 +296,27 @@ fn reshape_scalar(t: TensorRef<'_>) -> TensorRef<'_> {
 
 /// `dst[rows[j]] += vals[j]` in place (see `ops::rows::scatter_add`).
 #[pyfunction]
-#[pyo3(signature = (dst, rows, vals, stream=None))]
+#[pyo3(signature = (dst, rows, vals, links=None, stream=None))]
 pub fn scatter_add_rows(
     py: Python<'_>,
     dst: &Bound<'_, PyAny>,
     rows: &Bound<'_, PyAny>,
     vals: &Bound<'_, PyAny>,
+    links: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
     let dst = import_on(dst, "dst", stream)?;
     let rows = import_on(rows, "rows", stream)?;
     let vals = import_on(vals, "vals", stream)?;
+    let links = import_opt_on(links, "links", stream)?;
     run(py, "scatter_add_rows", move || {
-        crate::ops::rows::scatter_add(&mut dst.view()?, &rows.view()?, &vals.view()?, stream)
+        crate::ops::rows::scatter_add(
+            &mut dst.view()?,
+            &rows.view()?,
+            &vals.view()?,
+            view_opt(&links)?.as_ref(),
+            stream,
+        )
     })
 }
 

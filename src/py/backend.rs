@@ -12,6 +12,13 @@ pub fn set_backend(py: Python<'_>, name: &str) -> PyResult<()> {
     Choice::set(name).map_err(|e| to_pyerr(py, e))
 }
 
+/// Runs up to `n` blocks of each emulated launch at once (1: one after another), as
+/// `HIDDEN_ALIGN_EMULATED_BLOCKS=n` does; the emulation build only.
+#[pyfunction]
+pub fn set_emulated_blocks(py: Python<'_>, n: usize) -> PyResult<()> {
+    cuda::set_emulated_blocks(n).map_err(|e| to_pyerr(py, e))
+}
+
 /// The process-wide backend's name.
 #[pyfunction]
 pub fn get_backend() -> &'static str {
@@ -41,7 +48,10 @@ pub fn cuda_status(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         s.reason
             .or_else(|| (s.devices == Some(0)).then(|| "no CUDA device".to_string())),
     )?;
+    d.set_item("kernel_target", s.kernel_target)?;
+    d.set_item("kernel_target_reason", s.kernel_target_reason)?;
     d.set_item("emulation_built", cuda::emulation_built())?;
+    d.set_item("emulated_blocks", cuda::emulated_blocks())?;
     Ok(d)
 }
 
@@ -65,14 +75,14 @@ pub fn compile_kernels(
     ptx: bool,
 ) -> PyResult<Vec<(&'static str, usize)>> {
     let target = if ptx {
-        cuda::driver::Target::Ptx(arch)
+        cuda::target::Target::Ptx(arch)
     } else {
-        cuda::driver::Target::Cubin(arch)
+        cuda::target::Target::Cubin(arch)
     };
     super::errors::run(py, "compile_kernels", move || {
         Family::ALL
             .iter()
-            .map(|&f| Ok((f.file(), cuda::driver::compile_image(f, target)?.len())))
+            .map(|&f| Ok((f.file(), cuda::compile::compile_image(f, target)?.len())))
             .collect()
     })
 }

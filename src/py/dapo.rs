@@ -13,7 +13,7 @@ use crate::ops::groups::Grouping;
 /// Group-normalised advantages into `out` (float32 `[B]`).
 #[pyfunction]
 #[pyo3(signature = (scores, group_ids, group_size, eps, norm_by_std, out, totals=None,
-                    stream=None))]
+                    order=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn group_advantages(
     py: Python<'_>,
@@ -24,12 +24,14 @@ pub fn group_advantages(
     norm_by_std: bool,
     out: &Bound<'_, PyAny>,
     totals: Option<&Bound<'_, PyAny>>,
+    order: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
     let scores = import_on(scores, "scores", stream)?;
     let group_ids = import_opt_on(group_ids, "group_ids", stream)?;
     let out = import_on(out, "out", stream)?;
     let totals = import_opt_on(totals, "totals", stream)?;
+    let order = import_opt_on(order, "order", stream)?;
     run(py, "hidden_align.dapo.group_advantages", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
         dapo::group_advantages(
@@ -39,6 +41,7 @@ pub fn group_advantages(
             norm_by_std,
             &mut out.view()?,
             view_opt(&totals)?.as_ref(),
+            view_opt(&order)?.as_ref(),
             stream,
         )
     })
@@ -46,21 +49,30 @@ pub fn group_advantages(
 
 /// Dynamic-sampling keep mask into `out` (bool `[B]`).
 #[pyfunction]
-#[pyo3(signature = (metric, group_ids, group_size, out, stream=None))]
+#[pyo3(signature = (metric, group_ids, group_size, out, order=None, stream=None))]
+#[allow(clippy::too_many_arguments)]
 pub fn dynamic_sampling_mask(
     py: Python<'_>,
     metric: &Bound<'_, PyAny>,
     group_ids: Option<&Bound<'_, PyAny>>,
     group_size: Option<i64>,
     out: &Bound<'_, PyAny>,
+    order: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
     let metric = import_on(metric, "metric", stream)?;
     let group_ids = import_opt_on(group_ids, "group_ids", stream)?;
     let out = import_on(out, "out", stream)?;
+    let order = import_opt_on(order, "order", stream)?;
     run(py, "hidden_align.dapo.dynamic_sampling_mask", move || {
         let grouping = Grouping::from_args(view_opt(&group_ids)?, group_size)?;
-        dapo::dynamic_sampling_mask(&metric.view()?, &grouping, &mut out.view()?, stream)
+        dapo::dynamic_sampling_mask(
+            &metric.view()?,
+            &grouping,
+            &mut out.view()?,
+            view_opt(&order)?.as_ref(),
+            stream,
+        )
     })
 }
 
