@@ -179,20 +179,6 @@ struct View2 {
     HA_KERNEL_FOR(name, Params, bf16, bf16) \
     HA_KERNEL_FOR(name, Params, f16, f16)
 
-// Smallest value over the block, returned to every thread (`red` as for block_sum).
-HA_DEVICE int64_t block_min(int64_t v, int64_t* red) {
-    for (int o = 16; o > 0; o >>= 1) {
-        const int64_t other = __shfl_xor_sync(0xffffffffu, v, o);
-        v = other < v ? other : v;
-    }
-    __syncthreads();
-    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-    __syncthreads();
-    int64_t m = red[0];
-    for (int w = 1; w < HA_WARPS; ++w) m = red[w] < m ? red[w] : m;
-    return m;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Grouping rollouts by an integer key without O(n^2) work: one block sorts the indices
 // 0..n-1 by (key, index), after which every group is a run of ascending indices.

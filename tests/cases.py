@@ -75,3 +75,19 @@ def make_case(
         anchors = torch.zeros(hidden.shape[0], dtype=torch.bool)
         anchors[index[has]] = True
     return AlignCase(hidden, anchors, index, rewards, labels, group_ids, group_size, cu)
+
+
+def consumer_of(root, target):
+    """The autograd node under ``root`` with an edge into ``target``: e.g. the LM head's last op
+    on hidden, whose gradient input is the head's gradient w.r.t. hidden."""
+    todo, seen = [root], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        nexts = [n for n, _ in node.next_functions]
+        if target in nexts:
+            return node
+        todo.extend(nexts)
+    raise AssertionError("no consumer found")

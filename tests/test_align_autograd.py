@@ -7,7 +7,7 @@ import torch
 import hidden_align as ha
 from hidden_align._row_grad import AnchorRowGrad
 
-from cases import make_case
+from cases import consumer_of, make_case
 from reference import alignment_loss
 
 
@@ -75,21 +75,6 @@ def test_with_lm_head_gradient_is_added_in_place(align_first):
     torch.testing.assert_close(x.grad, expected)
 
 
-def _consumer_of(root, target):
-    """The node under `root` with an edge into `target` (the LM head's last op on hidden)."""
-    todo, seen = [root], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nexts = [n for n, _ in node.next_functions]
-        if target in nexts:
-            return node
-        todo.extend(nexts)
-    raise AssertionError("no consumer found")
-
-
 @pytest.mark.parametrize("align_first", [False, True])
 def test_delivery_reuses_the_lm_head_gradient_buffer(align_first):
     """The rows are added into the buffer the LM head's backward wrote: no copy of hidden."""
@@ -106,7 +91,7 @@ def test_delivery_reuses_the_lm_head_gradient_buffer(align_first):
     def record_head(grad_in, grad_out):
         ptrs["head"] = grad_in[0].data_ptr()
 
-    _consumer_of(logits.grad_fn, h.grad_fn).register_hook(record_head)
+    consumer_of(logits.grad_fn, h.grad_fn).register_hook(record_head)
     if not align_first:
         a = ha.loss(h, case.anchors, case.rewards, **case.kwargs())
 
@@ -214,23 +199,8 @@ def test_row_grad_materialises_for_any_other_op():
 # Gradients that something other than the autograd engine still holds are never written into.
 
 
-def _lm_head_step(case, keep_hooks):
-    """hidden = x * 1.0 feeds a linear head and the loss; `keep_hooks(h, head)` registers hooks
-    that keep gradients (each kept with a clone of its value at the time it was kept)."""
-    x = case.hidden.clone().requires_grad_()
-    h = x * 1.0
-    torch.manual_seed(0)
-    head = torch.nn.Linear(case.hidden.shape[-1], 5, dtype=x.dtype)
-    kept = keep_hooks(h, head)
-    logits = head(h)
-    (logits.square().mean() + ha.loss(h, case.anchors, case.rewards, **case.kwargs())).backward()
-    expected = reference_grad(x, case, head=lambda t: head.double()(t).square().mean())
-    torch.testing.assert_close(x.grad, expected)
-    return kept, expected
-
-
 def _keep(store, tensor):
-    store.append((tensor, tensor.detach().clone() if type(tensor) is torch.Tensor else None))
+    store.append((tensor, tensor.detach().clone()))
 
 
 def _assert_unchanged(kept):
@@ -243,24 +213,26 @@ def _case():
     return make_case(batch=8, group=4, seq=6, hidden_size=16, anchor_prob=1.0, correct_prob=1.0)
 
 
-def test_kept_module_grad_input_is_not_modified():
+@pytest.mark.parametrize("kept_side", ["grad_input", "grad_output"])
+def test_kept_module_gradient_is_not_modified(kept_side):
+    """hidden = x * 1.0 feeds a linear head and the loss; a module hook on the head keeps one
+    of its gradients, each kept with a clone of its value at the time it was kept."""
     kept = []
 
-    def keep_hooks(h, head):
-        head.register_full_backward_hook(lambda m, gin, gout: _keep(kept, gin[0]))
-        return kept
+    def hook(module, grad_input, grad_output):
+        _keep(kept, (grad_input if kept_side == "grad_input" else grad_output)[0])
 
-    _assert_unchanged(_lm_head_step(_case(), keep_hooks)[0])
-
-
-def test_kept_module_grad_output_is_not_modified():
-    kept = []
-
-    def keep_hooks(h, head):
-        head.register_full_backward_hook(lambda m, gin, gout: _keep(kept, gout[0]))
-        return kept
-
-    _assert_unchanged(_lm_head_step(_case(), keep_hooks)[0])
+    case = _case()
+    x = case.hidden.clone().requires_grad_()
+    h = x * 1.0
+    torch.manual_seed(0)
+    head = torch.nn.Linear(case.hidden.shape[-1], 5, dtype=x.dtype)
+    head.register_full_backward_hook(hook)
+    logits = head(h)
+    (logits.square().mean() + ha.loss(h, case.anchors, case.rewards, **case.kwargs())).backward()
+    expected = reference_grad(x, case, head=lambda t: head.double()(t).square().mean())
+    torch.testing.assert_close(x.grad, expected)
+    _assert_unchanged(kept)
 
 
 def test_gradient_stashed_by_a_function_is_not_modified():

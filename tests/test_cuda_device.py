@@ -18,7 +18,7 @@ from precision import assert_within_twice_torch_error
 import hidden_align as ha
 from hidden_align import dapo
 
-from cases import make_case
+from cases import consumer_of, make_case
 from reference import alignment_loss
 
 STATUS = ha.cuda_status()
@@ -157,21 +157,6 @@ def test_alignment_runs_on_the_current_stream_and_is_deterministic():
     assert_near(grad, ref_grad, TOL[torch.bfloat16])
 
 
-def _consumer_of(root, target):
-    """The autograd node under ``root`` with an edge into ``target``."""
-    todo, seen = [root], set()
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        nexts = [n for n, _ in node.next_functions]
-        if target in nexts:
-            return node
-        todo.extend(nexts)
-    raise AssertionError("no consumer found")
-
-
 def align_inputs(seed, batch, seq, hidden_size, vocab):
     """One step's data for :func:`align_step`: the last layer's input ``x`` and the LM head's
     weight (leaves that require grad), targets, anchor indices, rewards, group ids."""
@@ -201,7 +186,7 @@ def align_step(dtype, x, weight, targets, anchors, rewards, group_ids, ptrs=None
     lm = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
     align, stats = ha.loss(hidden, anchors, rewards, group_ids=group_ids, return_stats=True)
     if ptrs is not None:
-        head = _consumer_of(logits.grad_fn, hidden.grad_fn)
+        head = consumer_of(logits.grad_fn, hidden.grad_fn)
         head.register_hook(lambda grad_in, _: ptrs.__setitem__("head", grad_in[0].data_ptr()))
         hidden.register_hook(lambda grad: ptrs.__setitem__("delivered", grad.data_ptr()))
     gx, gw = torch.autograd.grad(lm + 0.5 * align, (x, weight))

@@ -157,8 +157,6 @@ struct Cache {
     modules: HashMap<(i32, Family), usize>,
     /// Kernel handle per (device, name).
     functions: HashMap<i32, HashMap<String, usize>>,
-    /// The kernels of each loaded module, per (device, family).
-    kernels: HashMap<(i32, Family), Vec<String>>,
 }
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Mutex::default);
@@ -228,16 +226,20 @@ fn module(cache: &mut Cache, ordinal: i32, family: Family) -> Result<dsys::CUmod
             .map_err(|e| failed("cuModuleLoadData", describe(e)))
     };
     let (m, names) = load_or_recompile(|read| image(family, choice.target, read), load)?;
-    cache.modules.insert((ordinal, family), m as usize);
-    cache.kernels.insert((ordinal, family), names.clone());
+    // Every handle before anything is cached: a module is cached only with all its kernels.
+    let mut handles = Vec::with_capacity(names.len());
     for kernel in names {
-        let f = resolve(m, &kernel)?;
-        cache
-            .functions
-            .entry(ordinal)
-            .or_default()
-            .insert(kernel, f as usize);
+        match resolve(m, &kernel) {
+            Ok(f) => handles.push((kernel, f as usize)),
+            Err(e) => {
+                // SAFETY: the module loaded above, not cached, so nothing else holds it.
+                let _ = unsafe { dres::module::unload(m) };
+                return Err(e);
+            }
+        }
     }
+    cache.modules.insert((ordinal, family), m as usize);
+    cache.functions.entry(ordinal).or_default().extend(handles);
     Ok(m)
 }
 
@@ -314,12 +316,8 @@ fn on_device(ordinal: i32) -> Result<(std::sync::MutexGuard<'static, Cache>, Con
 pub fn prepare(ordinal: i32) -> Result<()> {
     let (mut cache, _scope) = on_device(ordinal)?;
     for family in Family::ALL {
+        // A module is cached only with the handles of all its kernels.
         module(&mut cache, ordinal, family)?;
-        // Loading resolved them all; this also covers a load whose resolution failed earlier.
-        let kernels = cache.kernels[&(ordinal, family)].clone();
-        for kernel in &kernels {
-            function(&mut cache, ordinal, family, kernel)?;
-        }
     }
     Ok(())
 }

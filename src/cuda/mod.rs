@@ -378,5 +378,18 @@ pub fn expect_buffer(t: &TensorRef, shape: &[usize], dtype: DType) -> Result<()>
     Ok(())
 }
 
+/// The scratch tensor the kernel backend needs as `name`, checked as [`expect_buffer`].
+pub fn expect_scratch<'r, 'a>(
+    t: Option<&'r TensorRef<'a>>,
+    name: &'static str,
+    shape: &[usize],
+    dtype: DType,
+) -> Result<&'r TensorRef<'a>> {
+    let t =
+        t.ok_or_else(|| Error::value(name, "a scratch tensor for the kernel backend", "None"))?;
+    expect_buffer(t, shape, dtype)?;
+    Ok(t)
+}
+
 #[cfg(all(test, feature = "emulation"))]
 mod tests;

@@ -47,10 +47,8 @@ pub fn group_advantages(
     if let Backend::Kernels(exec) = backend {
         grouping.check_metadata(batch)?;
         cuda::expect_buffer(out, &[batch], DType::F32)?;
-        let totals = totals.ok_or_else(|| scratch_missing("totals"))?;
-        cuda::expect_buffer(totals, &[batch], DType::F64)?;
-        let order = order.ok_or_else(|| scratch_missing("order"))?;
-        cuda::expect_buffer(order, &[2 * batch], DType::I32)?;
+        let totals = cuda::expect_scratch(totals, "totals", &[batch], DType::F64)?;
+        let order = cuda::expect_scratch(order, "order", &[2 * batch], DType::I32)?;
         return cuda::dapo::group_advantages(
             &exec,
             scores,
@@ -87,8 +85,7 @@ pub fn dynamic_sampling_mask(
     if let Backend::Kernels(exec) = backend {
         grouping.check_metadata(batch)?;
         cuda::expect_buffer(out, &[batch], DType::Bool)?;
-        let order = order.ok_or_else(|| scratch_missing("order"))?;
-        cuda::expect_buffer(order, &[2 * batch], DType::I32)?;
+        let order = cuda::expect_scratch(order, "order", &[2 * batch], DType::I32)?;
         return cuda::dapo::dynamic_sampling_mask(&exec, metric, grouping, order, out);
     }
     let (group, num_groups) = dense_groups(grouping, batch)?;
@@ -153,10 +150,6 @@ pub fn overlong_penalty(
         *o = (-(l - expected) / buffer_length * penalty_factor).min(0.0) as f32;
     }
     Ok(())
-}
-
-fn scratch_missing(name: &'static str) -> Error {
-    Error::value(name, "a scratch tensor for the kernel backend", "None")
 }
 
 fn expect_out(out: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
@@ -445,13 +438,15 @@ pub fn policy_loss_forward(
         if let Some(f) = &factor {
             cuda::expect_buffer(f, &[b, t], dtype)?;
         }
-        let loss = kernel.loss.ok_or_else(|| scratch_missing("loss"))?;
-        cuda::expect_buffer(loss, &[], DType::F32)?;
-        let metrics = kernel.metrics.ok_or_else(|| scratch_missing("metrics"))?;
-        cuda::expect_buffer(metrics, &[3], DType::F32)?;
-        let partials = kernel.partials.ok_or_else(|| scratch_missing("partials"))?;
+        let loss = cuda::expect_scratch(kernel.loss, "loss", &[], DType::F32)?;
+        let metrics = cuda::expect_scratch(kernel.metrics, "metrics", &[3], DType::F32)?;
         let chunks = policy_chunks(t);
-        cuda::expect_buffer(partials, &[b, chunks, cuda::dapo::POLICY_SUMS], DType::F64)?;
+        let partials = cuda::expect_scratch(
+            kernel.partials,
+            "partials",
+            &[b, chunks, cuda::dapo::POLICY_SUMS],
+            DType::F64,
+        )?;
         let norms = kernel.norms;
         for n in [
             &norms.batch_num_tokens,

@@ -39,10 +39,7 @@ pub fn scatter_add(
         let k = rows.numel();
         cuda::expect_buffer(rows, &[k], DType::I64)?;
         cuda::expect_buffer(vals, &[k, space.hidden_size], DType::F32)?;
-        let links = links.ok_or_else(|| {
-            Error::value("links", "a scratch tensor for the kernel backend", "None")
-        })?;
-        cuda::expect_buffer(links, &[4 * k], DType::I32)?;
+        let links = cuda::expect_scratch(links, "links", &[4 * k], DType::I32)?;
         return cuda::rows::scatter_add(&exec, dst, &space, rows, vals, links);
     }
     let rows = rows.to_i64_vec()?;
