@@ -273,7 +273,7 @@ struct PolicyReduceParams {
     const double* partials;  // [B, chunks, POLICY_SUMS]
     int64_t batch, chunks, cols;
     int64_t mode;  // 0 token-mean, 1 token-sum, 2 seq-mean-token-sum, 3 seq-mean-token-mean,
-                   // 4 seq-mean-token-sum-norm (src/ops/dapo.rs AggMode)
+                   // 4 seq-mean-token-sum-norm (src/op/dapo.rs AggMode)
     double dp_size;
     // Normalisers: a value (< 0: not given) or a 0-d/1-element tensor read here.
     double batch_num_tokens;

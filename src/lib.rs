@@ -1,15 +1,17 @@
 //! `hidden_align`: the Hidden-Align auxiliary loss and DAPO's token-level math for PyTorch
 //! RL training.
 //!
-//! `ops` validates and dispatches, `cpu` holds the CPU kernels, `cuda` launches the CUDA
-//! kernels of `kernels/` (on a GPU, or emulated on the CPU), `py` (feature `python`) is the
-//! only code that knows about Python.
+//! `op` defines the ops (options, checks, plans), `cpu` holds the CPU kernels, `cuda` launches
+//! the CUDA kernels of `kernels/` (on a GPU, or emulated on the CPU), `dispatch` picks the
+//! backend of a call and runs it there, `py` (feature `python`) is the only code that knows
+//! about Python. The backends import `op` and never `dispatch`.
 #![deny(missing_docs)]
 
 pub mod cpu;
 pub mod cuda;
+pub mod dispatch;
 pub mod error;
-pub mod ops;
+pub mod op;
 pub mod tensor;
 
 #[cfg(feature = "python")]

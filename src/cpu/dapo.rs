@@ -6,8 +6,8 @@ use num_traits::{Float, Zero};
 
 use super::float::{Acc, Elem, Strided2, lane_sum};
 use super::{Bound, for_each_chunk, map_range};
-use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
-use crate::ops::groups::members;
+use crate::op::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
+use crate::op::groups::members;
 use crate::tensor::{Scalar, TensorRef};
 
 /// verl's masked-mean epsilon and per-sequence token-mean epsilon.
@@ -27,7 +27,7 @@ pub fn row_sums<T: Elem>(t: &TensorRef) -> Vec<f64> {
         .collect()
 }
 
-/// See [`crate::ops::dapo::group_advantages`]. Group statistics in f64, rounded to f32, then
+/// See [`crate::dispatch::dapo::group_advantages`]. Group statistics in f64, rounded to f32, then
 /// the normalisation in f32 as verl does it.
 pub fn group_advantages(
     scores: &[f64],
@@ -60,7 +60,7 @@ pub fn group_advantages(
     }
 }
 
-/// See [`crate::ops::dapo::dynamic_sampling_mask`].
+/// See [`crate::dispatch::dapo::dynamic_sampling_mask`].
 pub fn dynamic_sampling(metric: &[f64], group: &[usize], num_groups: usize, out: &mut [bool]) {
     let keep: Vec<bool> = members(group, num_groups)
         .iter()

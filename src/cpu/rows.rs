@@ -2,7 +2,7 @@
 
 use super::float::Elem;
 use super::{Bound, map_range};
-use crate::ops::anchors::RowSpace;
+use crate::op::anchors::RowSpace;
 use crate::tensor::TensorRef;
 
 /// Columns per parallel task: each task owns a disjoint column range of every row, so
@@ -10,7 +10,7 @@ use crate::tensor::TensorRef;
 const COLUMNS_PER_TASK: usize = 256;
 
 /// `dst[rows[j]] += vals[j]`, formed in the accumulator type and rounded once; see
-/// [`crate::ops::rows::scatter_add`].
+/// [`crate::dispatch::rows::scatter_add`].
 pub fn scatter_add<T: Elem>(dst: &mut TensorRef, space: &RowSpace, rows: &[i64], vals: &[T::Acc]) {
     let hs = space.hidden_size;
     let base = dst.data_ptr() as usize;

@@ -2,9 +2,9 @@
 
 use super::{Executor, Family, Grid, Side, ptr, stride, suffix};
 use crate::error::Result;
-use crate::ops::align::{AlignConfig, LossType, Reduction};
-use crate::ops::anchors::{Anchors, RowSpace};
-use crate::ops::groups::Grouping;
+use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs, LossType, Reduction};
+use crate::op::anchors::{Anchors, RowSpace};
+use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 
 /// Float32 scratch rows of `work` (`[WORK_ROWS, B]`).
@@ -55,33 +55,6 @@ struct AlignParams {
     upstream: Side,
     centre: u64,
     grad_rows: u64,
-}
-
-/// Buffers the forward fills and the backward reads, allocated by the caller: int64 `rows`
-/// and `groups`, bool `correct`, float32 `group_loss`, bool `group_valid` (all `[B]`),
-/// float32 `loss` and `mean_cosine` (0-d), int64 `counts` `[2]`, float32 `work` `[8, B]`, int32
-/// `links` `[4 B + 1]`.
-pub struct AlignBuffers<'a, 'b> {
-    /// Flat anchor row per rollout.
-    pub rows: &'b TensorRef<'a>,
-    /// Dense group per rollout.
-    pub groups: &'b TensorRef<'a>,
-    /// Correctness per rollout.
-    pub correct: &'b TensorRef<'a>,
-    /// Per-group loss.
-    pub group_loss: &'b TensorRef<'a>,
-    /// Per-group validity.
-    pub group_valid: &'b TensorRef<'a>,
-    /// The reduced loss.
-    pub loss: &'b TensorRef<'a>,
-    /// Mean pairwise cosine of correct anchors.
-    pub mean_cosine: &'b TensorRef<'a>,
-    /// Valid groups, anchored correct rollouts.
-    pub counts: &'b TensorRef<'a>,
-    /// Scratch kept for the backward.
-    pub work: &'b TensorRef<'a>,
-    /// Group links and the block ticket.
-    pub links: &'b TensorRef<'a>,
 }
 
 fn loss_code(t: LossType) -> i64 {
@@ -147,20 +120,6 @@ fn base_params(
         centre: 0,
         grad_rows: 0,
     }
-}
-
-/// The anchor, reward and grouping inputs of the forward.
-pub struct AlignInputs<'a, 'b> {
-    /// Mask or indices.
-    pub anchors: &'b Anchors<'a>,
-    /// `[B]` rewards.
-    pub rewards: &'b TensorRef<'a>,
-    /// Correctness threshold.
-    pub threshold: f64,
-    /// Labels or contiguous blocks.
-    pub grouping: &'b Grouping<'a>,
-    /// `[B + 1]` offsets of packed hidden.
-    pub cu_seqlens: Option<&'b TensorRef<'a>>,
 }
 
 /// Forward in two launches (`align_prepare`, `align_groups`), both over max(B, 1) blocks, after

@@ -2,8 +2,10 @@
 
 use super::{Executor, Family, Grid, Side, ptr, stride, suffix};
 use crate::error::Result;
-use crate::ops::dapo::{AggConfig, AggMode, ClipConfig, PolicyInputs};
-use crate::ops::groups::Grouping;
+use crate::op::dapo::{
+    AggConfig, AggMode, ClipConfig, NormaliserTensors, PolicyForwardBuffers, PolicyInputs,
+};
+use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 
 /// Columns of `[B, T]` one block of the policy kernels covers: 4 tokens per thread, and enough
@@ -286,32 +288,6 @@ struct PolicyReduceParams {
     loss: u64,
     metrics: u64,
     row_scale: u64,
-}
-
-/// Normalisers given as 0-d/1-element tensors on the device, read by the kernel (no host
-/// read); each replaces the number of the same name in [`AggConfig`].
-#[derive(Default)]
-pub struct NormaliserTensors<'a> {
-    /// `batch_num_tokens`.
-    pub batch_num_tokens: Option<TensorRef<'a>>,
-    /// `global_batch_size`.
-    pub global_batch_size: Option<TensorRef<'a>>,
-    /// `loss_scale_factor`.
-    pub loss_scale_factor: Option<TensorRef<'a>>,
-}
-
-/// Buffers of the policy forward, allocated by the caller.
-pub struct PolicyForwardBuffers<'a, 'b> {
-    /// float32 0-d out: the loss.
-    pub loss: &'b TensorRef<'a>,
-    /// float32 `[3]` out: pg_clipfrac, ppo_kl, pg_clipfrac_lower.
-    pub metrics: &'b TensorRef<'a>,
-    /// float32 `[B]` out: the per-row scale of the backward.
-    pub row_scale: &'b TensorRef<'a>,
-    /// Optional `[B, T]` out: the per-token derivative.
-    pub factor: Option<&'b TensorRef<'a>>,
-    /// float64 `[B, chunks, 5]` scratch.
-    pub partials: &'b TensorRef<'a>,
 }
 
 /// Policy forward in two launches: per (row, column chunk) token math and sums, then one

@@ -2,7 +2,7 @@
 
 use super::{BLOCK, Executor, Family, Grid, ptr, suffix};
 use crate::error::Result;
-use crate::ops::anchors::RowSpace;
+use crate::op::anchors::RowSpace;
 use crate::tensor::TensorRef;
 
 /// `struct ScatterRowsParams` of `kernels/rows.cu`.
@@ -22,7 +22,7 @@ struct ScatterRowsParams {
     links: u64,
 }
 
-/// `dst[rows[j]] += vals[j]` (see `ops::rows::scatter_add`); `rows` is a contiguous int64
+/// `dst[rows[j]] += vals[j]` (see `dispatch::rows::scatter_add`); `rows` is a contiguous int64
 /// `[k]`, `vals` a contiguous float32 `[k, H]`, `links` int32 `[4 k]` scratch, all checked by
 /// the caller. Rows outside `0..rows` are skipped by the kernel (they cannot be checked
 /// without reading them). Two launches: `scatter_resolve_rows` (one block) finds repeated

@@ -3,12 +3,13 @@
 //! argument space (`tests/test_cuda_emulated.py`).
 
 use super::{Executor, align as kalign, dapo as kdapo, rows as krows};
-use crate::ops::align::{self, AlignBuffers, AlignConfig, AlignInputs};
-use crate::ops::anchors::{self, Anchors, RowSpace};
-use crate::ops::dapo::{
+use crate::dispatch::align;
+use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs};
+use crate::op::anchors::{self, Anchors, RowSpace};
+use crate::op::dapo::{
     AggConfig, ClipConfig, NormaliserTensors, PolicyForwardBuffers, PolicyInputs,
 };
-use crate::ops::groups::Grouping;
+use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 
 const EMU: Executor = Executor::Emulated;
@@ -330,7 +331,7 @@ fn advantages_by_label(
         &TensorRef::from_slice("out", &mut out, &[b]),
     )
     .unwrap();
-    let (group, n) = crate::ops::groups::dense_groups(&grouping, b).unwrap();
+    let (group, n) = crate::op::groups::dense_groups(&grouping, b).unwrap();
     let sums: Vec<f64> = sv.to_f64_vec().unwrap();
     let mut cpu = vec![0f32; b];
     crate::cpu::dapo::group_advantages(&sums, &group, n, 1e-6, true, &mut cpu);

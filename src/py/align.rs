@@ -5,11 +5,12 @@ use pyo3::prelude::*;
 
 use super::errors::run;
 use super::tensor::{Borrowed, import, import_on, import_opt_on, view_opt, write_floats};
-use crate::cuda::{self, Backend};
+use crate::dispatch::align;
+use crate::dispatch::{self, Backend};
 use crate::error::Result;
-use crate::ops::align::{self, AlignBuffers, AlignConfig, AlignInputs};
-use crate::ops::anchors::{self, AnchorPlan, Anchors};
-use crate::ops::groups::Grouping;
+use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs};
+use crate::op::anchors::{self, AnchorPlan, Anchors};
+use crate::op::groups::Grouping;
 use crate::tensor::{DType, TensorRef};
 
 fn write_bools(out: &mut TensorRef, vals: &[bool]) -> Result<()> {
@@ -103,9 +104,9 @@ pub fn align_forward(
             Some(&rewards),
             Some(anchor_tensor),
             cu_seqlens.as_ref(),
-            crate::ops::grouping_tensor(&grouping),
+            grouping.tensor(),
         ];
-        if let Backend::Kernels(exec) = cuda::select(&hidden, &others, stream)? {
+        if let Backend::Kernels(exec) = dispatch::select(&hidden, &others, stream)? {
             let v: Vec<TensorRef> = outs.iter().map(Borrowed::view).collect::<Result<_>>()?;
             let missing = |name| crate::error::Error::value(name, "a scratch tensor", "None");
             let work = view_opt(&work)?.ok_or_else(|| missing("work"))?;
@@ -217,7 +218,7 @@ pub fn align_backward(
         let cfg = AlignConfig::new(&loss_type, &reduction, eps, tau)?;
         if let Some(state) = &state {
             let hidden = hidden.view()?;
-            let Backend::Kernels(exec) = cuda::select(&hidden, &[], stream)? else {
+            let Backend::Kernels(exec) = dispatch::select(&hidden, &[], stream)? else {
                 return Err(crate::error::Error::value(
                     "kernel_state",
                     "None after a forward on the CPU backend",
@@ -294,7 +295,7 @@ fn reshape_scalar(t: TensorRef<'_>) -> TensorRef<'_> {
     }
 }
 
-/// `dst[rows[j]] += vals[j]` in place (see `ops::rows::scatter_add`).
+/// `dst[rows[j]] += vals[j]` in place (see `dispatch::rows::scatter_add`).
 #[pyfunction]
 #[pyo3(signature = (dst, rows, vals, links=None, stream=None))]
 pub fn scatter_add_rows(
@@ -310,7 +311,7 @@ pub fn scatter_add_rows(
     let vals = import_on(vals, "vals", stream)?;
     let links = import_opt_on(links, "links", stream)?;
     run(py, "scatter_add_rows", move || {
-        crate::ops::rows::scatter_add(
+        crate::dispatch::rows::scatter_add(
             &mut dst.view()?,
             &rows.view()?,
             &vals.view()?,

@@ -4,7 +4,8 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
-use crate::cuda::{self, Choice, Family};
+use crate::cuda::{self, Family};
+use crate::dispatch::Choice;
 
 /// Sets the process-wide backend: "auto", "cpu", "cuda" or "cuda-emulated".
 #[pyfunction]

@@ -4,11 +4,10 @@ use pyo3::prelude::*;
 
 use super::errors::run;
 use super::tensor::{Borrowed, import_on, import_opt_on, view_opt, write_floats};
+use crate::dispatch::dapo;
 use crate::error::Result;
-use crate::ops::dapo::{
-    self, AggConfig, ClipConfig, NormaliserTensors, PolicyInputs, PolicyKernelArgs,
-};
-use crate::ops::groups::Grouping;
+use crate::op::dapo::{AggConfig, ClipConfig, NormaliserTensors, PolicyInputs, PolicyKernelArgs};
+use crate::op::groups::Grouping;
 
 /// Group-normalised advantages into `out` (float32 `[B]`).
 #[pyfunction]

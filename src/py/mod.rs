@@ -1,5 +1,5 @@
 //! The Python edge: the only code that names pyo3. DLPack import, argument plumbing and
-//! error mapping; all work happens in `ops`.
+//! error mapping; all work happens in `dispatch` and the backends.
 
 pub mod align;
 pub mod backend;

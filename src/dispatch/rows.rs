@@ -4,10 +4,11 @@
 //! rows are added into the gradient `hidden` already receives (or into zeros when nothing
 //! else feeds it).
 
+use super::{Backend, select};
 use crate::cpu;
-use crate::cuda::{self, Backend};
+use crate::cuda;
 use crate::error::{Error, Result};
-use crate::ops::anchors::RowSpace;
+use crate::op::anchors::RowSpace;
 use crate::tensor::{DType, TensorRef};
 
 /// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows
@@ -33,7 +34,7 @@ pub fn scatter_add(
             "an expanded view",
         ));
     }
-    if let Backend::Kernels(exec) = cuda::select(dst, &[Some(rows), Some(vals), links], stream)? {
+    if let Backend::Kernels(exec) = select(dst, &[Some(rows), Some(vals), links], stream)? {
         // Row values are checked by the kernel (out-of-range rows are skipped).
         cuda::expect_kernel_float(dst)?;
         let k = rows.numel();

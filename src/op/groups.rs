@@ -77,7 +77,15 @@ pub fn members(group: &[usize], num_groups: usize) -> Vec<Vec<usize>> {
     out
 }
 
-impl Grouping<'_> {
+impl<'a> Grouping<'a> {
+    /// The label tensor, if the grouping has one.
+    pub fn tensor(&self) -> Option<&TensorRef<'a>> {
+        match self {
+            Grouping::Ids(t) => Some(t),
+            Grouping::Size(_) => None,
+        }
+    }
+
     /// Checks that need no label values: `[B]` int32/int64 labels, or a block size dividing
     /// B. Returns the number of groups when it is known without reading labels.
     pub fn check_metadata(&self, batch: usize) -> Result<Option<usize>> {

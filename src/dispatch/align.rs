@@ -1,121 +1,12 @@
-//! The Hidden-Align loss: options, dispatch to a backend, forward and backward. Forward and
-//! backward read only the anchor rows named by the plan (see `ops::anchors`).
-
-use std::str::FromStr;
+//! The Hidden-Align loss dispatched to a backend, forward and backward. Forward and backward
+//! read only the anchor rows named by the plan (see `op::anchors`).
 
 use crate::cpu;
 use crate::cuda::{self, Executor};
 use crate::error::{Error, Result};
-use crate::ops::anchors::{self, AnchorPlan, RowSpace};
+use crate::op::align::{AlignBuffers, AlignConfig, AlignForward, AlignInputs, Reduction};
+use crate::op::anchors::{self, AnchorPlan, RowSpace};
 use crate::tensor::{DType, TensorRef};
-
-pub use crate::cuda::align::{AlignBuffers, AlignInputs};
-
-/// The per-group loss (DESIGN section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LossType {
-    /// Mean pairwise `1 - cos` over ordered pairs of correct anchors, in O(n H).
-    Cosine,
-    /// Mean `1 - cos(h_i, sg(S_g))` against the detached group centroid direction.
-    Centroid,
-    /// Mean squared distance of raw states to the detached group mean, divided by H.
-    Mse,
-    /// InfoNCE: other correct anchors are positives, incorrect anchors negatives.
-    Contrastive,
-}
-
-impl FromStr for LossType {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "cosine" => Ok(LossType::Cosine),
-            "centroid" => Ok(LossType::Centroid),
-            "mse" => Ok(LossType::Mse),
-            "contrastive" => Ok(LossType::Contrastive),
-            other => Err(Error::value(
-                "loss_type",
-                "one of 'cosine', 'centroid', 'mse', 'contrastive'",
-                format!("{other:?}"),
-            )),
-        }
-    }
-}
-
-/// How per-group losses become the result.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Reduction {
-    /// Mean over valid groups; 0 when none is valid.
-    Mean,
-    /// Sum over valid groups.
-    Sum,
-    /// Per-group values (0 for invalid groups) plus a validity mask.
-    None,
-}
-
-impl FromStr for Reduction {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "mean" => Ok(Reduction::Mean),
-            "sum" => Ok(Reduction::Sum),
-            "none" => Ok(Reduction::None),
-            other => Err(Error::value(
-                "reduction",
-                "one of 'mean', 'sum', 'none'",
-                format!("{other:?}"),
-            )),
-        }
-    }
-}
-
-/// Options shared by forward and backward.
-#[derive(Clone, Copy, Debug)]
-pub struct AlignConfig {
-    /// Per-group loss.
-    pub loss_type: LossType,
-    /// Reduction over groups.
-    pub reduction: Reduction,
-    /// Norm clamp of the normalisation `h / max(||h||, eps)`.
-    pub eps: f64,
-    /// Temperature of the contrastive loss.
-    pub tau: f64,
-}
-
-impl AlignConfig {
-    /// Parses and checks the options.
-    pub fn new(loss_type: &str, reduction: &str, eps: f64, tau: f64) -> Result<Self> {
-        if !(eps.is_finite() && eps > 0.0) {
-            return Err(Error::value("eps", "a finite number > 0", eps));
-        }
-        if !(tau.is_finite() && tau > 0.0) {
-            return Err(Error::value("tau", "a finite number > 0", tau));
-        }
-        Ok(AlignConfig {
-            loss_type: loss_type.parse()?,
-            reduction: reduction.parse()?,
-            eps,
-            tau,
-        })
-    }
-}
-
-/// Result of the forward pass, in the accumulator precision widened to f64.
-#[derive(Clone, Debug, PartialEq)]
-pub struct AlignForward {
-    /// Per-group loss, 0 for invalid groups.
-    pub group_loss: Vec<f64>,
-    /// Per-group validity.
-    pub group_valid: Vec<bool>,
-    /// The reduced loss (`mean` or `sum`; for `none` the sum, unused).
-    pub loss: f64,
-    /// Mean pairwise cosine of correct anchors over groups with at least two of them
-    /// (NaN when there is no such group).
-    pub mean_cosine: f64,
-    /// Number of groups that contribute to the loss.
-    pub valid_groups: usize,
-    /// Number of rollouts that are correct and have an anchor.
-    pub anchored_correct: usize,
-}
 
 /// Forward pass on the backend of `hidden`.
 pub fn forward(hidden: &TensorRef, plan: &AnchorPlan, cfg: &AlignConfig) -> Result<AlignForward> {

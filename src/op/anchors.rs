@@ -2,8 +2,8 @@
 //! a mask or indices, padded or packed layout), its dense group and whether it is correct.
 
 use crate::error::{Error, Result};
-use crate::ops::groups::{Grouping, dense_groups};
-use crate::ops::{grouping_tensor, same_cpu_device};
+use crate::op::groups::{Grouping, dense_groups};
+use crate::op::same_cpu_device;
 use crate::tensor::{DType, TensorRef};
 
 /// Where the anchors come from.
@@ -111,7 +111,7 @@ pub fn plan(
         Some(rewards),
         cu_seqlens,
         Some(anchor_tensor),
-        grouping_tensor(grouping),
+        grouping.tensor(),
     ];
     same_cpu_device(hidden, &others)?;
     let batch = check_metadata(
@@ -369,7 +369,7 @@ pub fn check_metadata(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::groups::Grouping;
+    use crate::op::groups::Grouping;
 
     fn hidden(data: &mut [f32], b: usize, t: usize, h: usize) -> TensorRef<'_> {
         TensorRef::from_slice("hidden", data, &[b, t, h])
