@@ -23,6 +23,8 @@ mod _native {
     #[pymodule_export]
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
     #[pymodule_export]
+    use crate::py::anchors::{find_anchors, uid_group_ids};
+    #[pymodule_export]
     use crate::py::backend::{
         compile_kernels, cuda_status, get_backend, kernel_programs, prepare_cuda, set_backend,
         set_emulated_blocks,

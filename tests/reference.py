@@ -220,3 +220,51 @@ def policy_loss(
         if agg == "seq-mean-token-sum-norm":
             loss = loss / (logp.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     return loss, metrics
+
+
+def find_anchors_loop(token_ids, response_mask, markers, occurrence="last", offset=-1) -> list:
+    """Per row: every (start, spelling) whose tokens all lie in the response, the winner by
+    start (greatest for 'last', least for 'first') then length, placed at start + offset."""
+    ids, live = token_ids.tolist(), (response_mask != 0).tolist()
+    out = []
+    for row, inside in zip(ids, live):
+        t = len(row)
+        hits = [
+            (s, len(m))
+            for s in range(t)
+            for m in markers
+            if s + len(m) <= t and all(row[s + j] == m[j] and inside[s + j] for j in range(len(m)))
+        ]
+        if not hits:
+            out.append(-1)
+            continue
+        if occurrence == "last":
+            s = max(hits)[0]
+        else:
+            s = min(hits, key=lambda h: (h[0], -h[1]))[0]
+        out.append(s + offset if 0 <= s + offset < t else -1)
+    return out
+
+
+def find_anchors_unfold(token_ids, response_mask, markers, offset=-1):
+    """The way a PyTorch user writes the last-occurrence search: for each spelling, windows of
+    ``unfold`` compared with the spelling and with the mask, then the last hit per row."""
+    b, t = token_ids.shape
+    cols = torch.arange(t, device=token_ids.device)
+    best_start = torch.full((b,), -1, dtype=torch.long, device=token_ids.device)
+    best_len = torch.zeros(b, dtype=torch.long, device=token_ids.device)
+    live = response_mask != 0
+    for m in markers:
+        m = torch.as_tensor(m, device=token_ids.device)
+        n = m.numel()
+        if n > t:
+            continue
+        windows = token_ids.unfold(1, n, 1)  # [B, T - n + 1, n]
+        inside = live.unfold(1, n, 1).all(-1)
+        hit = (windows == m).all(-1) & inside
+        start = torch.where(hit, cols[: t - n + 1], -1).amax(1)
+        better = (start > best_start) | ((start == best_start) & (start >= 0) & (n > best_len))
+        best_start = torch.where(better, start, best_start)
+        best_len = torch.where(better, n, best_len)
+    pos = best_start + offset
+    return torch.where((best_start >= 0) & (pos >= 0) & (pos < t), pos, -1)

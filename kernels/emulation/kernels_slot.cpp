@@ -16,6 +16,7 @@ namespace HA_EMU_CONCAT(ha_emu_slot_, HA_EMU_SLOT) {
 #include "../rows.cu"
 #include "../dapo.cu"
 #include "../anchor_align.cu"
+#include "../anchors.cu"
 }  // namespace
 
 // Referenced by emulation.cpp, so that the linker keeps this copy and its registrations.

@@ -9,6 +9,7 @@ from . import dapo
 from ._backend import backend, cuda_status, get_backend, prepare_cuda, set_backend
 from ._native import __version__
 from .align import loss
+from .anchors import find_anchors, marker_token_ids, unpadded_rows
 from .errors import (
     ArgumentError,
     CudaUnavailableError,
@@ -18,21 +19,28 @@ from .errors import (
     KernelError,
     ShapeError,
 )
+from .stats import GroupAnchorStats, RowReference, group_anchor_stats
 
 __all__ = [
     "ArgumentError",
     "CudaUnavailableError",
     "DeviceError",
     "DtypeError",
+    "GroupAnchorStats",
     "HiddenAlignError",
     "KernelError",
+    "RowReference",
     "ShapeError",
     "__version__",
     "backend",
     "cuda_status",
     "dapo",
+    "find_anchors",
     "get_backend",
+    "group_anchor_stats",
     "loss",
+    "marker_token_ids",
     "prepare_cuda",
     "set_backend",
+    "unpadded_rows",
 ]

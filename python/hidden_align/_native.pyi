@@ -1,5 +1,7 @@
 # Type stubs of the Rust extension module. tests/test_stubs.py checks they match.
 
+from collections.abc import Iterable
+
 import torch
 
 __version__: str
@@ -115,3 +117,14 @@ def cuda_status() -> dict: ...
 def kernel_programs() -> list[tuple[str, str]]: ...
 def compile_kernels(arch: int, ptx: bool = False) -> list[tuple[str, int]]: ...
 def prepare_cuda(ordinal: int) -> None: ...
+def find_anchors(
+    token_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    marker_tokens: torch.Tensor,
+    marker_offsets: torch.Tensor,
+    occurrence: str,
+    offset: int,
+    out: torch.Tensor,
+    stream: int | None = None,
+) -> None: ...
+def uid_group_ids(uids: Iterable[object], out: torch.Tensor) -> None: ...

@@ -10,7 +10,7 @@ use num_traits::{Float, One, Zero};
 use super::float::{Acc, Elem, Pooled, dot, give_back, take_zeroed};
 use super::{Bound, for_each_chunk, for_each_chunk_with, map_range};
 use crate::op::align::{AlignConfig, AlignForward, LossType, Reduction};
-use crate::op::anchors::{AnchorPlan, RowSpace};
+use crate::op::anchor_plan::{AnchorPlan, RowSpace};
 use crate::tensor::TensorRef;
 
 /// The anchor rows of one call, widened to the accumulator type.

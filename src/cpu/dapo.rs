@@ -20,11 +20,28 @@ pub fn row_sums<T: Elem>(t: &TensorRef) -> Vec<f64> {
     (0..t.shape()[0])
         .map(|r| {
             // SAFETY: r < B and c < cols, inside the tensor; T is its dtype.
-            (0..cols)
-                .map(|c| unsafe { v.get::<T>(r, c) }.load().f64())
-                .sum()
+            match unsafe { v.row_slice::<T>(r, 0, cols) } {
+                Some(row) => widened_lane_sum(row),
+                None => (0..cols)
+                    .map(|c| unsafe { v.get::<T>(r, c) }.load().f64())
+                    .sum(),
+            }
         })
         .collect()
+}
+
+/// Sum in f64 of a contiguous row over 8 interleaved lanes: one running sum would be bound by
+/// the latency of each addition.
+fn widened_lane_sum<T: Elem>(row: &[T]) -> f64 {
+    let mut lanes = [0f64; 8];
+    let chunks = row.chunks_exact(8);
+    let tail: f64 = chunks.remainder().iter().map(|x| x.load().f64()).sum();
+    for c in chunks {
+        for (lane, x) in lanes.iter_mut().zip(c) {
+            *lane += x.load().f64();
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
 }
 
 /// See [`crate::dispatch::dapo::group_advantages`]. Group statistics in f64, rounded to f32, then
@@ -37,16 +54,26 @@ pub fn group_advantages(
     norm_by_std: bool,
     out: &mut [f32],
 ) {
-    let stats: Vec<(f32, f32)> = members(group, num_groups)
-        .iter()
-        .map(|m| {
-            if m.len() == 1 {
-                return (0.0, 1.0);
-            }
-            let n = m.len() as f64;
-            let mean = m.iter().map(|&b| scores[b]).sum::<f64>() / n;
-            let var = m.iter().map(|&b| (scores[b] - mean).powi(2)).sum::<f64>() / (n - 1.0);
-            (mean as f32, var.sqrt() as f32)
+    // Per-group sums accumulated in ascending rollout order (the order of the group's members),
+    // in two passes over flat arrays: no list of members per group.
+    let mut count = vec![0usize; num_groups];
+    let mut sum = vec![0f64; num_groups];
+    for (&g, &r) in group.iter().zip(scores) {
+        count[g] += 1;
+        sum[g] += r;
+    }
+    let mean: Vec<f64> = sum.iter().zip(&count).map(|(&s, &n)| s / n as f64).collect();
+    let mut square = vec![0f64; num_groups];
+    for (&g, &r) in group.iter().zip(scores) {
+        square[g] += (r - mean[g]).powi(2);
+    }
+    let stats: Vec<(f32, f32)> = (0..num_groups)
+        .map(|g| match count[g] {
+            1 => (0.0, 1.0),
+            n => (
+                mean[g] as f32,
+                (square[g] / (n as f64 - 1.0)).sqrt() as f32,
+            ),
         })
         .collect();
     for (b, o) in out.iter_mut().enumerate() {

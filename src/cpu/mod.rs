@@ -1,6 +1,7 @@
 //! The CPU backend (ndarray + rayon): the executable specification of every op.
 
 pub mod align;
+pub mod anchors;
 pub mod dapo;
 pub mod float;
 pub mod rows;

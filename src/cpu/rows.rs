@@ -2,7 +2,7 @@
 
 use super::float::Elem;
 use super::{Bound, map_range};
-use crate::op::anchors::RowSpace;
+use crate::op::anchor_plan::RowSpace;
 use crate::tensor::TensorRef;
 
 /// Columns per parallel task: each task owns a disjoint column range of every row, so

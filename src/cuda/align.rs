@@ -3,7 +3,7 @@
 use super::{Executor, Family, Grid, Side, ptr, stride, suffix};
 use crate::error::Result;
 use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs, LossType, Reduction};
-use crate::op::anchors::{Anchors, RowSpace};
+use crate::op::anchor_plan::{Anchors, RowSpace};
 use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 

@@ -7,6 +7,7 @@
 //! its grid; [`Executor::launch`] sends it to the device or to the emulator.
 
 pub mod align;
+pub mod anchors;
 pub mod compile;
 pub mod dapo;
 mod disk_cache;
@@ -36,13 +37,20 @@ pub enum Family {
     Dapo,
     /// `kernels/anchor_align.cu`.
     AnchorAlign,
+    /// `kernels/anchors.cu`.
+    Anchors,
 }
 
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 3] = [Family::Rows, Family::Dapo, Family::AnchorAlign];
+    pub const ALL: [Family; 4] = [
+        Family::Rows,
+        Family::Dapo,
+        Family::AnchorAlign,
+        Family::Anchors,
+    ];
 
     /// File name under `kernels/`.
     pub fn file(self) -> &'static str {
@@ -50,6 +58,7 @@ impl Family {
             Family::Rows => "rows.cu",
             Family::Dapo => "dapo.cu",
             Family::AnchorAlign => "anchor_align.cu",
+            Family::Anchors => "anchors.cu",
         }
     }
 
@@ -60,6 +69,7 @@ impl Family {
             Family::Rows => include_str!("../../kernels/rows.cu"),
             Family::Dapo => include_str!("../../kernels/dapo.cu"),
             Family::AnchorAlign => include_str!("../../kernels/anchor_align.cu"),
+            Family::Anchors => include_str!("../../kernels/anchors.cu"),
         };
         source.replace("#include \"common.cuh\"", COMMON)
     }

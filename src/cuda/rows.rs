@@ -2,7 +2,7 @@
 
 use super::{BLOCK, Executor, Family, Grid, ptr, suffix};
 use crate::error::Result;
-use crate::op::anchors::RowSpace;
+use crate::op::anchor_plan::RowSpace;
 use crate::tensor::TensorRef;
 
 /// `struct ScatterRowsParams` of `kernels/rows.cu`.

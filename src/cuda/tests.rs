@@ -5,7 +5,7 @@
 use super::{Executor, align as kalign, dapo as kdapo, rows as krows};
 use crate::dispatch::align;
 use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs};
-use crate::op::anchors::{self, Anchors, RowSpace};
+use crate::op::anchor_plan::{self, Anchors, RowSpace};
 use crate::op::dapo::{
     AggConfig, ClipConfig, NormaliserTensors, PolicyForwardBuffers, PolicyInputs,
 };
@@ -74,7 +74,7 @@ fn alignment_forward_and_backward_match_the_cpu_backend() {
         let anchors = Anchors::Index(iv);
         let grouping = Grouping::Ids(lv);
 
-        let plan = anchors::plan(&hv, &anchors, &rv, &grouping, 0.5, None).unwrap();
+        let plan = anchor_plan::plan(&hv, &anchors, &rv, &grouping, 0.5, None).unwrap();
         let cpu = align::forward(&hv, &plan, &cfg).unwrap();
         let upstream: Vec<f64> = if reduction == "none" {
             vec![1.0, 0.5]
@@ -352,5 +352,68 @@ fn label_sort_groups_match_the_cpu_backend_at_larger_batches() {
         expected.sort_by_key(|&i| (labels[i], i));
         assert_eq!(sorted, expected, "b = {b}");
         assert_eq!(out, cpu, "b = {b}");
+    }
+}
+
+#[test]
+fn find_anchors_matches_the_cpu_backend_across_tiles() {
+    use crate::dispatch::anchors::find_anchors;
+    use crate::op::anchors::{FindAnchors, Occurrence};
+    // Rows longer than one tile of 256 start columns, markers planted in the first, a middle
+    // and the last tile, spellings that overlap and share a start, masks that cut matches.
+    let (b, t) = (6usize, 700usize);
+    let mut tokens: Vec<i64> = (0..b * t).map(|i| 100 + (i * 7919 % 61) as i64).collect();
+    let mut mask: Vec<u8> = vec![1; b * t];
+    let plant = |tokens: &mut [i64], r: usize, s: usize, m: &[i64]| {
+        tokens[r * t + s..r * t + s + m.len()].copy_from_slice(m);
+    };
+    let (short, long) = ([7i64, 8], [7i64, 8, 9]);
+    plant(&mut tokens, 0, 3, &long);
+    plant(&mut tokens, 0, 650, &short);
+    plant(&mut tokens, 1, 300, &long);
+    plant(&mut tokens, 2, 10, &short);
+    plant(&mut tokens, 2, 699 - 1, &short); // ends at the last column
+    plant(&mut tokens, 3, 512, &short);
+    mask[3 * t + 513] = 0; // the only match leaves the response
+    plant(&mut tokens, 4, 0, &long);
+    let mut marker_tokens: Vec<i64> = short.iter().chain(&long).copied().collect();
+    let mut marker_offsets: Vec<i64> = vec![0, 2, 5];
+    for occurrence in [Occurrence::Last, Occurrence::First] {
+        for offset in [-1i64, 0, 2, -4, i64::MIN, i64::MAX] {
+            let mut got = [vec![0i64; b], vec![0i64; b]];
+            for (k, exec) in [None, Some(EMU)].into_iter().enumerate() {
+                let inputs = FindAnchors {
+                    token_ids: TensorRef::from_slice("token_ids", &mut tokens, &[b, t]),
+                    response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
+                    marker_tokens: TensorRef::from_slice("marker_tokens", &mut marker_tokens, &[5]),
+                    marker_offsets: TensorRef::from_slice(
+                        "marker_offsets",
+                        &mut marker_offsets,
+                        &[3],
+                    ),
+                    occurrence,
+                    offset,
+                };
+                let mut out = TensorRef::from_slice("out", &mut got[k], &[b]);
+                match exec {
+                    None => find_anchors(&inputs, &mut out, None).unwrap(),
+                    Some(e) => {
+                        inputs.check().unwrap();
+                        super::anchors::find_anchors(&e, &inputs, (b, t), &out).unwrap()
+                    }
+                }
+            }
+            assert_eq!(got[0], got[1], "{occurrence:?} offset {offset}");
+            if offset == -1 {
+                let want = match occurrence {
+                    Occurrence::Last => [649i64, 299, 697, -1, -1, -1],
+                    Occurrence::First => [2i64, 299, 9, -1, -1, -1],
+                };
+                assert_eq!(got[0], want, "{occurrence:?}");
+            }
+            if offset == 0 && occurrence == Occurrence::First {
+                assert_eq!(got[0], [3, 300, 10, -1, 0, -1]);
+            }
+        }
     }
 }

@@ -1,11 +1,11 @@
 //! The Hidden-Align loss dispatched to a backend, forward and backward. Forward and backward
-//! read only the anchor rows named by the plan (see `op::anchors`).
+//! read only the anchor rows named by the plan (see `op::anchor_plan`).
 
 use crate::cpu;
 use crate::cuda::{self, Executor};
 use crate::error::{Error, Result};
 use crate::op::align::{AlignBuffers, AlignConfig, AlignForward, AlignInputs, Reduction};
-use crate::op::anchors::{self, AnchorPlan, RowSpace};
+use crate::op::anchor_plan::{self, AnchorPlan, RowSpace};
 use crate::tensor::{DType, TensorRef};
 
 /// Forward pass on the backend of `hidden`.
@@ -66,7 +66,7 @@ pub fn forward_kernels(
 ) -> Result<usize> {
     let space = RowSpace::of(hidden)?;
     cuda::expect_kernel_float(hidden)?;
-    let batch = anchors::check_metadata(
+    let batch = anchor_plan::check_metadata(
         hidden,
         &space,
         inputs.anchors,

@@ -2,6 +2,7 @@
 //! runs the op there.
 
 pub mod align;
+pub mod anchors;
 pub mod dapo;
 pub mod rows;
 

@@ -8,7 +8,7 @@ use super::{Backend, select};
 use crate::cpu;
 use crate::cuda;
 use crate::error::{Error, Result};
-use crate::op::anchors::RowSpace;
+use crate::op::anchor_plan::RowSpace;
 use crate::tensor::{DType, TensorRef};
 
 /// `dst[rows[j]] += vals[j]` for every `j` with `rows[j] >= 0`, in order of `j` (repeated rows

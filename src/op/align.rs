@@ -3,7 +3,7 @@
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::op::anchors::Anchors;
+use crate::op::anchor_plan::Anchors;
 use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 

@@ -117,3 +117,39 @@ impl<'a> Grouping<'a> {
         }
     }
 }
+
+/// The group id of a uid string: the 8-byte BLAKE2b digest of its UTF-8 bytes read as a
+/// little-endian int64 (`hashlib.blake2b(uid.encode(), digest_size=8)`). Stable across
+/// processes, ranks and runs, unlike Python's salted `hash`.
+pub fn uid_group_id(uid: &[u8]) -> i64 {
+    use blake2::Blake2bVar;
+    use blake2::digest::{Update, VariableOutput};
+    let mut hasher = Blake2bVar::new(8).expect("8 bytes is a valid BLAKE2b digest size");
+    hasher.update(uid);
+    let mut digest = [0u8; 8];
+    hasher
+        .finalize_variable(&mut digest)
+        .expect("the buffer has the digest size");
+    i64::from_le_bytes(digest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::uid_group_id;
+
+    /// Digests pinned from Python's `hashlib.blake2b(s.encode(), digest_size=8)`.
+    #[test]
+    fn uid_hash_is_hashlib_blake2b_of_8_bytes() {
+        for (uid, want) in PINNED {
+            assert_eq!(uid_group_id(uid.as_bytes()), *want, "{uid:?}");
+        }
+    }
+
+    const PINNED: &[(&str, i64)] = &[
+        ("", -5426141060434712860),
+        ("a", 3405396810240292928),
+        ("3f2b0c9e-1d2a-4b8e-9f00-123456789abc", -6991658127918832424),
+        ("prompt-17", 6229880918185817228),
+        ("\u{fc}n\u{ef}c\u{f8}d\u{e9} \u{2713}", -569160866146853634),
+    ];
+}

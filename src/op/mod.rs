@@ -2,6 +2,7 @@
 //! executes. The backends (`cpu`, `cuda`) import this module; dispatch (`dispatch`) picks one.
 
 pub mod align;
+pub mod anchor_plan;
 pub mod anchors;
 pub mod dapo;
 pub mod groups;

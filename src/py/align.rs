@@ -9,7 +9,7 @@ use crate::dispatch::align;
 use crate::dispatch::{self, Backend};
 use crate::error::Result;
 use crate::op::align::{AlignBuffers, AlignConfig, AlignInputs};
-use crate::op::anchors::{self, AnchorPlan, Anchors};
+use crate::op::anchor_plan::{self, AnchorPlan, Anchors};
 use crate::op::groups::Grouping;
 use crate::tensor::{DType, TensorRef};
 
@@ -133,7 +133,7 @@ pub fn align_forward(
             let groups = align::forward_kernels(&exec, &hidden, &inputs, &cfg, &bufs)?;
             return Ok((groups, true));
         }
-        let plan = anchors::plan(
+        let plan = anchor_plan::plan(
             &hidden,
             &anchors,
             &rewards,

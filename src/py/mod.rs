@@ -2,6 +2,7 @@
 //! error mapping; all work happens in `dispatch` and the backends.
 
 pub mod align;
+pub mod anchors;
 pub mod backend;
 pub mod dapo;
 pub mod errors;
