@@ -29,18 +29,18 @@ _aten = torch.ops.aten
 _HOOKED = "_hidden_align_delivery_hook"
 
 
-def _python_refs(obj: object) -> int:
-    return sys.getrefcount(obj)
+# Python references are counted with `sys.getrefcount` called directly in the frame whose local
+# holds the object, never through a Python helper: passing an object into a Python function
+# adds one reference or two depending on how the interpreter executes the call (a specialised
+# call moves the caller's stack reference into the callee, the generic path copies it, and
+# installing a frame evaluator such as torch.compile's selects the generic path from then on).
+# A builtin's arguments are borrowed from the stack either way, so a direct count is stable.
 
 
 def _one_local_refs() -> int:
-    """What :func:`_python_refs` says of an object that one local variable of its caller holds.
-
-    Measured rather than assumed: the count includes the references of the call itself, which
-    differ between Python versions.
-    """
+    """What ``sys.getrefcount(x)`` says of an object held by one local variable ``x`` alone."""
     probe = object()
-    return _python_refs(probe)
+    return sys.getrefcount(probe)
 
 
 def _view_base_refs() -> int:
@@ -51,17 +51,18 @@ def _view_base_refs() -> int:
     """
     view = torch.empty(2).view(1, 2)
     base = view._base
-    return _python_refs(base)
+    return sys.getrefcount(base)
 
 
 _ONE_LOCAL = _one_local_refs()
 _ONE_LOCAL_VIEW_BASE = _view_base_refs()
 
 
-def _exclusively_owned(t: torch.Tensor) -> bool:
+def _exclusively_owned(t: torch.Tensor, t_refs: int) -> bool:
     """True when nothing but the caller's one local variable holds ``t`` or its storage.
 
-    The caller must hold ``t`` in exactly one local variable and nowhere else. Two kinds of
+    The caller must hold ``t`` in exactly one local variable and nowhere else, and pass
+    ``t_refs = sys.getrefcount(t)`` measured in its own frame (see the note above). Two kinds of
     holder are counted: C++ references of the tensor implementation and its storage (what the
     autograd engine tests before accumulating in place), and Python references to the tensor
     object, which the C++ count cannot see: a hook, a logger or a list keeping the gradient
@@ -71,8 +72,8 @@ def _exclusively_owned(t: torch.Tensor) -> bool:
     """
     if type(t) is not torch.Tensor or t.layout != torch.strided or not t.is_contiguous():
         return False
-    # t itself: the caller's local, this frame's argument; measured like the probe plus one.
-    if _python_refs(t) != _ONE_LOCAL + 1:
+    # t itself: the caller's local alone, measured like the probe.
+    if t_refs != _ONE_LOCAL:
         return False
     try:
         storage_refs = torch._C._storage_Use_Count(t.untyped_storage()._cdata)
@@ -83,7 +84,7 @@ def _exclusively_owned(t: torch.Tensor) -> bool:
         # storage: base + view + the temporary storage object.
         return (
             base._base is None
-            and _python_refs(base) == _ONE_LOCAL_VIEW_BASE
+            and sys.getrefcount(base) == _ONE_LOCAL_VIEW_BASE
             and t._use_count() == 1
             and base._use_count() == 2
             and storage_refs == 3
@@ -159,9 +160,10 @@ class AnchorRowGrad(torch.Tensor):
         base, owned = self.base, self.base_owned
         # From here on the value lives in the result: ``base`` may become it.
         self.base, self.base_owned = None, False
+        base_refs = sys.getrefcount(base)
         if base is None:
             out = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
-        elif owned or _exclusively_owned(base):
+        elif owned or _exclusively_owned(base, base_refs):
             out = base
         else:
             out = base.clone(memory_format=torch.contiguous_format)
@@ -209,7 +211,7 @@ def _merge(a: AnchorRowGrad, b: AnchorRowGrad) -> AnchorRowGrad:
     return AnchorRowGrad(a, rows, vals, a.base + b.base, True)
 
 
-# What `_python_refs(grad)` says inside `_deliver` when only the autograd engine holds `grad`;
+# What `sys.getrefcount(grad)` says inside `_deliver` when only the autograd engine holds `grad`;
 # measured once by a tiny backward (see `_calibrate_delivery`).
 _ENGINE_ONLY: int | None = None
 
@@ -217,7 +219,7 @@ _ENGINE_ONLY: int | None = None
 def _deliver(grad: torch.Tensor | None) -> torch.Tensor | None:
     if not isinstance(grad, AnchorRowGrad):
         return None
-    refs = _python_refs(grad)
+    refs = sys.getrefcount(grad)
     if getattr(grad, "_calibration", False):
         global _ENGINE_ONLY
         _ENGINE_ONLY = refs

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch._C import _functions as _autograd_functions
 
-from . import _native
+from . import _compiled, _native
 from ._args import (
     accumulator,
     as_float,
@@ -18,6 +18,7 @@ from ._args import (
 )
 from ._backend import stream_of
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
+from .stats import GroupAnchorStats, RowReference, loss_with_reference
 
 __all__ = ["loss"]
 
@@ -137,6 +138,7 @@ def loss(
     tau: float = 0.1,
     return_stats: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    reference: GroupAnchorStats | RowReference | dict | None = None,
 ) -> torch.Tensor | tuple:
     """Hidden-Align loss: pulls together the anchor hidden states of each prompt's correct rollouts.
 
@@ -169,6 +171,23 @@ def loss(
             two of them; NaN when there is none), ``valid_groups``, ``anchored_correct``.
         cu_seqlens: ``[B + 1]`` sequence offsets of packed ``hidden`` (needed with a bool mask;
             with indices it checks each anchor lies in its own sequence).
+        reference: full-batch group statistics (:func:`hidden_align.group_anchor_stats`,
+            merged over micro-batches and all-reduced over ranks), their per-row form
+            (:class:`hidden_align.RowReference`, its rows matching this call's rollouts) or a
+            mapping of :meth:`RowReference.to_dict` entries (e.g. a verl batch). The result is
+            then this micro-batch's *share* of the full-batch loss: the shares of any split of
+            the batch (rows reordered, groups across micro-batches and ranks) sum to the
+            full-batch value and gradient, for ``cosine``, ``centroid`` and ``mse``;
+            ``contrastive`` is refused (``ArgumentError``). ``reduction="mean"`` divides by
+            the full-batch number of valid groups; ``"none"`` needs the statistics form and
+            gives ``(share per group [G], valid [G])`` in the order of its ``group_ids``.
+            ``return_stats`` reports the full-batch values. With statistics, the rollouts'
+            groups come from ``group_ids`` (or local blocks of ``group_size``); with the
+            per-row form from the reference (``group_ids``, if given, must agree;
+            ``group_size`` is refused). ``eps`` and ``threshold`` must be the statistics'.
+            A correct anchored rollout whose group has no correct anchored rollout in the
+            reference raises ``ArgumentError`` on the CPU and makes the loss NaN on CUDA.
+            Under ``torch.compile`` this path runs eagerly (one graph break).
 
     Returns:
         The loss (a float32 0-d tensor, float64 for float64 ``hidden``); for ``reduction="none"``
@@ -177,6 +196,12 @@ def loss(
 
     A NaN or inf in a participating anchor row makes the loss NaN; no other element of
     ``hidden`` is read. Double backward is not supported and raises.
+
+    Under ``torch.compile`` the loss is a custom op (``torch.ops.hidden_align.align_forward``,
+    no graph break) and its gradient w.r.t. ``hidden`` a dense tensor shaped like ``hidden``
+    (zeros plus the anchor rows) that autograd adds to the rest of its gradient: same values,
+    without the in-place row delivery. There ``reduction="none"`` with ``group_ids`` gives
+    results of a data-dependent size (the number of distinct labels).
 
     CUDA tensors run the CUDA kernels without host synchronisation. Checks that need the data
     (an index out of range, two anchors in one mask row, malformed ``cu_seqlens``) then make the
@@ -192,7 +217,6 @@ def loss(
     require_tensor("hidden", hidden)
     require_tensor("mask", mask)
     require_tensor("rewards", rewards)
-    require_tensor("group_ids", group_ids, optional=True)
     require_tensor("cu_seqlens", cu_seqlens, optional=True)
     check_int("group_size", group_size)
     group_ids = group_ids_on(group_ids, hidden)
@@ -205,7 +229,23 @@ def loss(
     )
     check_choice("loss_type", loss_type, _LOSS_TYPES)
     check_choice("reduction", reduction, _REDUCTIONS)
-    if torch.is_grad_enabled():
+    if reference is not None:
+        return loss_with_reference(
+            hidden,
+            mask,
+            rewards,
+            reference,
+            group_ids=group_ids,
+            group_size=group_size,
+            loss_type=loss_type,
+            reduction=reduction,
+            threshold=as_float("threshold", threshold),
+            eps=as_float("eps", eps),
+            return_stats=return_stats,
+            cu_seqlens=cu_seqlens,
+        )
+    compiling = torch.compiler.is_compiling()
+    if torch.is_grad_enabled() and not compiling:
         attach_delivery_hook(hidden)
     options = (
         loss_type,
@@ -214,7 +254,9 @@ def loss(
         as_float("eps", eps),
         as_float("tau", tau),
     )
-    value, valid, mean_cosine, counts = _AlignLoss.apply(
+    # Traced by torch.compile: custom ops instead (the gradient of hidden is then dense).
+    apply = _compiled.align_loss if compiling else _AlignLoss.apply
+    value, valid, mean_cosine, counts = apply(
         hidden, mask, rewards, group_ids, group_size, cu_seqlens, options
     )
     result = (value, valid) if reduction == "none" else value

@@ -7,12 +7,9 @@ and garbage at masked positions never reaches a result).
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-
 import torch
 
-from . import _native
+from . import _compiled, _native
 from ._args import (
     accumulator,
     as_float,
@@ -24,6 +21,7 @@ from ._args import (
     same_device,
 )
 from ._backend import stream_of
+from ._groups import group_ids_from_uids
 from .errors import ArgumentError
 
 __all__ = [
@@ -62,25 +60,6 @@ def _normaliser(name: str, value) -> tuple:
     return _optional_number(name, value), None
 
 
-def group_ids_from_uids(uids: Iterable, *, device=None) -> torch.Tensor:
-    """int64 group ids from verl's per-rollout uid strings (``batch.non_tensor_batch["uid"]``).
-
-    Uses a stable hash (the first 8 bytes of BLAKE2b), so every data-parallel rank derives the
-    same id for the same uid; Python's ``hash`` is salted per process and would not.
-
-    Args:
-        uids: the uids, any iterable (a numpy object array, a list of strings).
-        device: where to create the ids; default None, the CPU. Every op taking ``group_ids``
-            also accepts CPU ids with CUDA data and copies them over without blocking.
-    """
-    out = []
-    for uid in uids:
-        digest = hashlib.blake2b(str(uid).encode(), digest_size=8).digest()
-        out.append(int.from_bytes(digest, "little", signed=True))
-    ids = torch.tensor(out, dtype=torch.int64)
-    return ids if device is None else ids.to(device, non_blocking=True)
-
-
 def group_advantages(
     scores: torch.Tensor,
     *,
@@ -111,10 +90,12 @@ def group_advantages(
         tensor([ 0.7071, -0.7071,  0.0000,  0.0000])
     """
     require_tensor("scores", scores)
-    require_tensor("group_ids", group_ids, optional=True)
     check_int("group_size", group_size)
     group_ids = group_ids_on(group_ids, scores)
     same_device(("scores", scores), ("group_ids", group_ids))
+    if torch.compiler.is_compiling():
+        eps = as_float("eps", eps)
+        return _compiled.group_advantages(scores, group_ids, group_size, eps, bool(norm_by_std))
     out = torch.empty(
         scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
     )
@@ -159,10 +140,11 @@ def dynamic_sampling_mask(
         tensor([False, False,  True,  True])
     """
     require_tensor("metric", metric)
-    require_tensor("group_ids", group_ids, optional=True)
     check_int("group_size", group_size)
     group_ids = group_ids_on(group_ids, metric)
     same_device(("metric", metric), ("group_ids", group_ids))
+    if torch.compiler.is_compiling():
+        return _compiled.dynamic_sampling_mask(metric, group_ids, group_size)
     out = torch.empty(
         metric.shape[0] if metric.dim() else 0, dtype=torch.bool, device=metric.device
     )
@@ -198,6 +180,13 @@ def overlong_penalty(
         tensor([ 0.0000, -0.5000, -1.0000])
     """
     require_tensor("response_lengths", response_lengths)
+    if torch.compiler.is_compiling():
+        return _compiled.overlong_penalty(
+            response_lengths,
+            as_float("max_response_length", max_response_length),
+            as_float("buffer_length", buffer_length),
+            as_float("penalty_factor", penalty_factor),
+        )
     n = response_lengths.shape[0] if response_lengths.dim() else 0
     out = torch.empty(n, dtype=torch.float32, device=response_lengths.device)
     _native.overlong_penalty(
@@ -357,7 +346,9 @@ def policy_loss(
     gbs, gbs_tensor = _normaliser("global_batch_size", global_batch_size)
     lsf, lsf_tensor = _normaliser("loss_scale_factor", loss_scale_factor)
     agg = ((loss_agg_mode, bnt, dp_size, gbs, lsf), (bnt_tensor, gbs_tensor, lsf_tensor))
-    loss, metrics = _PolicyLoss.apply(
+    # Traced by torch.compile: custom ops instead of the autograd.Function.
+    apply = _compiled.policy_loss if torch.compiler.is_compiling() else _PolicyLoss.apply
+    loss, metrics = apply(
         log_prob, old_log_prob, advantages, response_mask, rollout_is_weights, clip, agg
     )
     return loss, {"pg_clipfrac": metrics[0], "ppo_kl": metrics[1], "pg_clipfrac_lower": metrics[2]}
