@@ -19,7 +19,8 @@ from .errors import (
     KernelError,
     ShapeError,
 )
-from .stats import GroupAnchorStats, RowReference, group_anchor_stats
+from .row_reference import RowReference
+from .stats import GroupAnchorStats, group_anchor_stats
 
 __all__ = [
     "ArgumentError",

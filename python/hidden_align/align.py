@@ -17,8 +17,10 @@ from ._args import (
     same_device,
 )
 from ._backend import stream_of
+from ._reference_loss import loss_with_reference
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
-from .stats import GroupAnchorStats, RowReference, loss_with_reference
+from .row_reference import RowReference
+from .stats import GroupAnchorStats
 
 __all__ = ["loss"]
 

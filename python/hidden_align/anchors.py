@@ -307,9 +307,9 @@ def find_anchors(
     match, or whose ``start + offset`` falls outside ``[0, T)``, gets -1 (no anchor: it takes
     no part in :func:`hidden_align.loss`).
 
-    One fused pass: Rust on the CPU (rows in parallel), a CUDA kernel on the GPU (a block per
-    row, no host synchronisation); each row is scanned from the end for ``"last"`` (from the
-    start for ``"first"``) and the scan stops at the first match.
+    One fused pass: Rust on the CPU (rows in parallel for large batches), a CUDA kernel on the
+    GPU (a block per row, no host synchronisation); each row is scanned from the end for
+    ``"last"`` (from the start for ``"first"``) and the scan stops at the first match.
 
     Args:
         token_ids: int64 or int32 ``[B, T]`` (prompt + response, or the response alone), any

@@ -28,11 +28,11 @@ from ._args import (
     require_tensor,
     same_device,
 )
-from ._row_grad import attach_delivery_hook
-from ._share import gather_anchor_rows, resolve_anchors, share_loss, unit_rows
+from ._share import gather_anchor_rows, resolve_anchors, unit_rows
 from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from .row_reference import RowReference
 
-__all__ = ["GroupAnchorStats", "RowReference", "group_anchor_stats"]
+__all__ = ["GroupAnchorStats", "group_anchor_stats"]
 
 _SUM_OF = {"cosine": "unit_sum", "centroid": "unit_sum", "mse": "raw_sum"}
 
@@ -288,13 +288,15 @@ class GroupAnchorStats:
 
     def lookup(self, group_ids: torch.Tensor):
         """``(pos, found)`` ``[B]``: each id's position in :attr:`group_ids` and whether the
-        statistics have it (``pos`` is clamped to a valid index where not). No host read."""
+        statistics have it (``pos`` is clamped to a valid index where not). No host read.
+        ``group_ids`` may also be uid strings (:func:`hidden_align.dapo.group_ids_from_uids`).
+        """
+        group_ids = group_ids_on(group_ids, self.unit_sum)
         require_tensor("group_ids", group_ids)
         if group_ids.dtype != torch.int64:
             raise DtypeError(f"group_ids: expected int64, got {group_ids.dtype}")
         if group_ids.dim() != 1:
             raise ShapeError(f"group_ids: expected [B], got {tuple(group_ids.shape)}")
-        group_ids = group_ids_on(group_ids, self.unit_sum)
         same_device(("stats", self.unit_sum), ("group_ids", group_ids))
         return _lookup(self.group_ids, group_ids)
 
@@ -309,11 +311,12 @@ class GroupAnchorStats:
             raise ArgumentError(
                 f"loss_type: expected None or one of {tuple(_SUM_OF)}, got {loss_type!r}"
             )
+        group_ids = group_ids_on(group_ids, self.unit_sum)
         pos, found = self.lookup(group_ids)
         batch = pos.shape[0]
         keep = set(_SUM_OF.values()) if loss_type is None else {_SUM_OF[loss_type]}
         return RowReference(
-            group_id=group_ids_on(group_ids, self.unit_sum).clone(),
+            group_id=group_ids.clone(),
             count=_take(self.count, pos, found),
             valid_groups=self.valid_groups.expand(batch).clone(),
             anchored_correct=self.anchored_correct.expand(batch).clone(),
@@ -334,158 +337,6 @@ def _zeros_like_stats(like: GroupAnchorStats, group_ids: torch.Tensor) -> GroupA
         eps=like.eps,
         threshold=like.threshold,
     )
-
-
-class RowReference:
-    """The reference of each rollout's group, one row per rollout: ordinary tensors whose
-    leading dimension is B, so that any subset of rows (a micro-batch, a rank's share) still
-    carries what its share of the loss needs.
-
-    Attributes:
-        group_id: int64 ``[B]``: the group id each row was looked up with.
-        count: int64 ``[B]``: ``n_g`` of the row's group (0 when the statistics lack it).
-        valid_groups, anchored_correct: int64 ``[B]``: the full-batch values, repeated.
-        mean_cosine: ``[B]``: the full-batch diagnostic, repeated.
-        unit_sum: ``[B, H]`` ``S_g`` of the row's group (cosine, centroid), or None.
-        raw_sum: ``[B, H]`` ``R_g`` of the row's group (mse), or None.
-
-    Split it with ``ref[i:j]``, ``ref[index_tensor]`` or :meth:`index_select`; store it in a
-    batch with :meth:`to_dict` and read it back with :meth:`from_dict`.
-    """
-
-    _NAMES = (
-        "group_id",
-        "count",
-        "valid_groups",
-        "anchored_correct",
-        "mean_cosine",
-        "unit_sum",
-        "raw_sum",
-    )
-    _OPTIONAL = ("unit_sum", "raw_sum")
-
-    def __init__(
-        self,
-        group_id: torch.Tensor,
-        count: torch.Tensor,
-        valid_groups: torch.Tensor,
-        anchored_correct: torch.Tensor,
-        mean_cosine: torch.Tensor,
-        unit_sum: torch.Tensor | None = None,
-        raw_sum: torch.Tensor | None = None,
-    ) -> None:
-        values = dict(
-            group_id=group_id,
-            count=count,
-            valid_groups=valid_groups,
-            anchored_correct=anchored_correct,
-            mean_cosine=mean_cosine,
-            unit_sum=unit_sum,
-            raw_sum=raw_sum,
-        )
-        for name, t in values.items():
-            require_tensor(name, t, optional=name in self._OPTIONAL)
-        if unit_sum is None and raw_sum is None:
-            raise ArgumentError("unit_sum, raw_sum: expected at least one of them")
-        present = [(name, t) for name, t in values.items() if t is not None]
-        same_device(*present)
-        batch = group_id.shape[0] if group_id.dim() == 1 else -1
-        for name, t in present:
-            want = 2 if name in self._OPTIONAL else 1
-            if t.dim() != want or t.shape[0] != batch:
-                raise ShapeError(
-                    f"{name}: expected {'[B, H]' if want == 2 else '[B]'} with B the length "
-                    f"of group_id ({batch}), got {tuple(t.shape)}"
-                )
-        for name in ("group_id", "count", "valid_groups", "anchored_correct"):
-            if values[name].dtype != torch.int64:
-                raise DtypeError(f"{name}: expected int64, got {values[name].dtype}")
-        floats = [(name, t) for name, t in present if name in self._OPTIONAL]
-        floats.append(("mean_cosine", mean_cosine))
-        for name, t in floats:
-            if t.dtype not in (torch.float32, torch.float64):
-                raise DtypeError(f"{name}: expected float32 or float64, got {t.dtype}")
-        if unit_sum is not None and raw_sum is not None and unit_sum.shape != raw_sum.shape:
-            raise ShapeError(
-                f"raw_sum: expected the shape of unit_sum {tuple(unit_sum.shape)}, "
-                f"got {tuple(raw_sum.shape)}"
-            )
-        self.group_id = group_id
-        self.count = count
-        self.valid_groups = valid_groups
-        self.anchored_correct = anchored_correct
-        self.mean_cosine = mean_cosine
-        self.unit_sum = unit_sum
-        self.raw_sum = raw_sum
-
-    def __len__(self) -> int:
-        return self.group_id.shape[0]
-
-    @property
-    def hidden_size(self) -> int:
-        some = self.unit_sum if self.unit_sum is not None else self.raw_sum
-        return some.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.group_id.device
-
-    def __repr__(self) -> str:
-        sums = [n for n in self._OPTIONAL if getattr(self, n) is not None]
-        return (
-            f"RowReference({len(self)} rows, H={self.hidden_size}, {'+'.join(sums)}, {self.device})"
-        )
-
-    def _map(self, fn) -> RowReference:
-        return RowReference(
-            **{
-                name: None if getattr(self, name) is None else fn(getattr(self, name))
-                for name in self._NAMES
-            }
-        )
-
-    def __getitem__(self, index) -> RowReference:
-        """Rows selected like a tensor's leading dimension (a slice, an index or bool tensor,
-        a list); an int keeps the leading dimension (one row)."""
-        if isinstance(index, int) and not isinstance(index, bool):
-            index = slice(index, index + 1 if index != -1 else None)
-        return self._map(lambda t: t[index])
-
-    def index_select(self, index: torch.Tensor) -> RowReference:
-        """Rows ``index`` (int64 ``[k]``), as :func:`torch.index_select` along dimension 0."""
-        return self._map(lambda t: t.index_select(0, index.to(t.device)))
-
-    def to(self, device) -> RowReference:
-        return self._map(lambda t: t.to(device))
-
-    def to_dict(self, prefix: str = "ha_ref_") -> dict:
-        """``{prefix + name: tensor}`` (the sums that are None left out): entries to store in
-        a batch that is split by rows (verl ``DataProto.batch``, a ``TensorDict``)."""
-        return {
-            prefix + name: getattr(self, name)
-            for name in self._NAMES
-            if getattr(self, name) is not None
-        }
-
-    @classmethod
-    def from_dict(cls, mapping, prefix: str = "ha_ref_") -> RowReference:
-        """Reads the entries :meth:`to_dict` wrote from ``mapping`` (a dict, a ``TensorDict``,
-        anything with ``keys()`` and ``[]``); other keys are ignored."""
-        try:
-            keys = set(mapping.keys())
-        except (AttributeError, TypeError):
-            raise ArgumentError(
-                f"reference: expected a mapping with keys(), got {type(mapping).__name__}"
-            ) from None
-        missing = [prefix + n for n in cls._NAMES[:5] if prefix + n not in keys]
-        if missing:
-            raise ArgumentError(f"reference: missing entries {missing} (prefix {prefix!r})")
-        return cls(
-            **{
-                name: mapping[prefix + name] if prefix + name in keys else None
-                for name in cls._NAMES
-            }
-        )
 
 
 def group_anchor_stats(
@@ -519,7 +370,6 @@ def group_anchor_stats(
     require_tensor("hidden", hidden)
     require_tensor("mask", mask)
     require_tensor("rewards", rewards)
-    require_tensor("group_ids", group_ids, optional=True)
     require_tensor("cu_seqlens", cu_seqlens, optional=True)
     check_int("group_size", group_size)
     group_ids = group_ids_on(group_ids, hidden)
@@ -559,146 +409,3 @@ def group_anchor_stats(
         nan = torch.full((), float("nan"), dtype=acc, device=dev)
         unit_sum, raw_sum, sq = (torch.where(bad, nan, t) for t in (unit_sum, raw_sum, sq))
     return GroupAnchorStats(ids, unit_sum, raw_sum, sq, count, eps=eps, threshold=threshold)
-
-
-_CONTRASTIVE_REFUSED = (
-    "reference: loss_type='contrastive' cannot be split across micro-batches: each anchor's "
-    "log-sum-exp runs over every anchored rollout of its group, incorrect ones included, "
-    "which no per-group sum carries; compute it on whole groups, without a reference"
-)
-
-
-# Run eagerly under torch.compile (a graph break): the row-only gradient and the CPU-side
-# checks are not traceable, and the share is O(B H) torch work with nothing to fuse.
-@torch.compiler.disable
-def loss_with_reference(
-    hidden,
-    mask,
-    rewards,
-    reference,
-    *,
-    group_ids,
-    group_size,
-    loss_type,
-    reduction,
-    threshold,
-    eps,
-    return_stats,
-    cu_seqlens,
-):
-    """``hidden_align.loss(..., reference=...)``: this micro-batch's share of the full-batch
-    loss. Arguments are checked by the caller except the reference itself."""
-    if loss_type == "contrastive":
-        raise ArgumentError(_CONTRASTIVE_REFUSED)
-    if isinstance(reference, GroupAnchorStats):
-        stats, refrows = reference, None
-        if (stats.eps, stats.threshold) != (eps, threshold):
-            raise ArgumentError(
-                f"reference: computed with eps={stats.eps}, threshold={stats.threshold}, "
-                f"but the loss uses eps={eps}, threshold={threshold}"
-            )
-        same_device(("hidden", hidden), ("reference", stats.unit_sum))
-        width = stats.hidden_size
-    else:
-        if not isinstance(reference, RowReference):
-            if not hasattr(reference, "keys"):
-                raise ArgumentError(
-                    "reference: expected GroupAnchorStats, RowReference or a mapping of "
-                    f"RowReference.to_dict() entries, got {type(reference).__name__}"
-                )
-            reference = RowReference.from_dict(reference)
-        stats, refrows = None, reference
-        if reduction == "none":
-            raise ArgumentError(
-                "reduction: 'none' with a per-row reference has no group list to report "
-                "per-group values in: pass the GroupAnchorStats instead"
-            )
-        if group_size is not None:
-            raise ArgumentError(
-                "group_size: not used with a per-row reference, whose rows carry their group "
-                "ids: pass group_ids (checked against them) or neither"
-            )
-        if getattr(refrows, _SUM_OF[loss_type]) is None:
-            raise ArgumentError(
-                f"reference: loss_type={loss_type!r} needs {_SUM_OF[loss_type]}, which this "
-                "reference left out (GroupAnchorStats.rows(..., loss_type=...))"
-            )
-        same_device(("hidden", hidden), ("reference", refrows.group_id))
-        width = refrows.hidden_size
-    if hidden.dim() in (2, 3) and hidden.shape[-1] != width:
-        raise ShapeError(
-            f"reference: computed for hidden size {width}, but hidden has {hidden.shape[-1]}"
-        )
-    if refrows is not None and rewards.dim() == 1 and len(refrows) != rewards.shape[0]:
-        raise ShapeError(
-            f"reference: expected {rewards.shape[0]} rows (one per rollout), got {len(refrows)}"
-        )
-
-    resolve_groups = group_ids if refrows is None or group_ids is not None else refrows.group_id
-    rows, correct = resolve_anchors(
-        hidden, mask, rewards, resolve_groups, group_size, cu_seqlens, threshold, eps
-    )
-    batch, dev = rows.shape[0], hidden.device
-    acc = accumulator(hidden.dtype)
-    part = (rows >= 0) & correct
-    if refrows is None:
-        labels = group_ids
-        if labels is None:
-            labels = torch.arange(batch, device=dev) // group_size
-        pos, found = stats.lookup(labels)
-        count = _take(stats.count, pos, found)
-        ref_sum = _take(getattr(stats, _SUM_OF[loss_type]), pos, found)
-        valid_groups = stats.valid_groups.expand(batch)
-        slot = torch.where(found, pos, torch.full_like(pos, -1))
-        mismatch = torch.zeros_like(part)
-        num_slots = stats.num_groups
-        labels_of = labels
-        report = (stats.mean_cosine, stats.valid_groups, stats.anchored_correct)
-    else:
-        count = refrows.count
-        ref_sum = getattr(refrows, _SUM_OF[loss_type])
-        valid_groups = refrows.valid_groups
-        slot = torch.zeros_like(count)
-        if group_ids is None:
-            mismatch = torch.zeros_like(part)
-        else:
-            mismatch = group_ids != refrows.group_id
-        num_slots = 0
-        labels_of = refrows.group_id
-        if batch:
-            report = (refrows.mean_cosine[0], refrows.valid_groups[0], refrows.anchored_correct[0])
-        else:
-            # No row carries a copy of the full-batch values.
-            report = (
-                torch.full((), float("nan"), dtype=acc, device=dev),
-                torch.zeros((), dtype=torch.int64, device=dev),
-                torch.zeros((), dtype=torch.int64, device=dev),
-            )
-    missing = part & ((count < 1) | mismatch)
-    if hidden.device.type == "cpu" and bool(missing.any()):
-        b = int(missing.nonzero()[0, 0])
-        raise ArgumentError(
-            f"reference: rollout {b} (group id {int(labels_of[b])}) is a correct anchored "
-            "rollout, but the reference has no correct anchored rollout in its group"
-            + (" or was looked up with another group id" if refrows is not None else "")
-            + ": the reference must come from the same rows (all micro-batches, all ranks)"
-        )
-    poison = missing | (rows < -1)
-    if reduction == "mean":
-        scale = valid_groups.to(acc).reciprocal()
-    else:
-        scale = torch.ones(batch, dtype=acc, device=dev)
-    scale = scale.expand(batch)
-    if torch.is_grad_enabled():
-        attach_delivery_hook(hidden)
-    options = (loss_type, reduction, eps, num_slots)
-    value = share_loss(hidden, rows, part, ref_sum, count, scale, slot, poison, options)
-    result = (value, stats.valid) if reduction == "none" else value
-    if not return_stats:
-        return result
-    mean_cosine, valid_count, anchored = report
-    return result, {
-        "mean_cosine": mean_cosine.to(acc),
-        "valid_groups": valid_count,
-        "anchored_correct": anchored,
-    }

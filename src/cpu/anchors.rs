@@ -83,7 +83,7 @@ pub fn find_anchors<I: TokenId, M: Scalar + Copy>(
         };
         found.map_or(-1, |s| place(s, offset, t))
     };
-    let anchors = map_range(b, b * t, Bound::Compute, row);
+    let anchors = map_range(b, b * t, Bound::Memory, row);
     out.copy_from_slice(&anchors);
 }
 
