@@ -63,6 +63,8 @@ def test_layouts_and_dtypes(backend):
         (ids, mask.to(torch.bfloat16)),
         (ids.t().contiguous().t(), mask.t().contiguous().t()),  # column-major
         (ids[:, ::1], mask.long()),
+        (ids, mask.to(torch.int8)),
+        (ids, mask.to(torch.int16)),
     ]
     for token_ids, response_mask in variants:
         with ha.backend(backend):
@@ -76,11 +78,11 @@ def test_layouts_and_dtypes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_take_the_longest_spelling_and_matches_stay_in_the_response(backend):
+def test_overlapping_spellings_and_matches_stay_in_the_response(backend):
     needs(backend)
     ids = torch.tensor(
         [
-            [9, 5, 6, 7, 9, 9],  # "5 6" and "5 6 7" start together: the longer wins
+            [9, 5, 6, 7, 9, 9],  # "5 6" and "5 6 7" start together: one anchor
             [5, 6, 9, 9, 9, 9],  # the only match starts before the response
             [9, 9, 9, 9, 5, 6],  # a match ending at the last column
             [9, 9, 9, 9, 9, 5],  # a match cut by the end of the row
@@ -153,8 +155,14 @@ def test_bad_markers(markers, message):
 
 def test_bad_tensors_and_options():
     ids, mask = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4)
-    with pytest.raises(ha.DtypeError, match="token_ids: expected dtype int64 or int32, got float"):
+    with pytest.raises(
+        ha.DtypeError, match="token_ids: expected dtype int64 or int32, got torch.f"
+    ):
         ha.find_anchors(ids.float(), mask, [[1]])
+    with pytest.raises(
+        ha.DtypeError, match="token_ids: expected dtype int64 or int32, got torch.int16"
+    ):
+        ha.find_anchors(ids.short(), mask, [[1]])
     with pytest.raises(ha.ShapeError, match="response_mask"):
         ha.find_anchors(ids, torch.ones(2, 5), [[1]])
     with pytest.raises(ha.ShapeError, match="token_ids"):

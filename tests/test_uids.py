@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hidden_align as ha
-from hidden_align import dapo
+from hidden_align import _native, dapo
 
 from cases import make_case
 
@@ -40,11 +40,30 @@ def test_rust_hash_equals_hashlib_for_every_kind_of_input():
 
 
 def test_objects_freed_during_iteration_do_not_alias():
-    """A generator's items may be freed after use and their addresses reused by the next item;
-    each still gets its own id."""
-    uids = (f"uid-{i}" for i in range(2000))
-    got = dapo.group_ids_from_uids(uids).tolist()
-    assert got == [hashlib_id(f"uid-{i}") for i in range(2000)]
+    """Straight into the native hash: a generator's items are freed after use and their
+    addresses reused by the next item, so an id cached by address must not outlive its
+    object; each uid still gets its own id."""
+    out = torch.empty(2000, dtype=torch.int64)
+    _native.uid_group_ids((f"uid-{i}" for i in range(2000)), out)
+    assert out.tolist() == [hashlib_id(f"uid-{i}") for i in range(2000)]
+
+
+def test_bytes_uids_hash_as_their_text():
+    text = ["a", "ünï", "uid-7"]
+    encoded = np.array([t.encode() for t in text])  # numpy kind "S"
+    assert dapo.group_ids_from_uids(encoded).tolist() == [hashlib_id(t) for t in text]
+
+
+def test_int32_ids_are_the_same_groups():
+    case = make_case(batch=8, group=4, seq=5, hidden_size=6)
+    ids = torch.tensor([3, 3, 9, 9, 3, 3, 9, 9])
+    stats64 = ha.group_anchor_stats(case.hidden, case.anchors, case.rewards, group_ids=ids)
+    stats32 = ha.group_anchor_stats(case.hidden, case.anchors, case.rewards, group_ids=ids.int())
+    assert torch.equal(stats64.unit_sum, stats32.unit_sum)
+    share = ha.loss(case.hidden, case.anchors, case.rewards, group_ids=ids.int(), reference=stats32)
+    whole = ha.loss(case.hidden, case.anchors, case.rewards, group_ids=ids)
+    torch.testing.assert_close(share, whole, rtol=1e-12, atol=0)
+    assert torch.equal(stats64.rows(ids.int()).group_id, ids)
 
 
 def test_bad_uids():
@@ -54,6 +73,8 @@ def test_bad_uids():
         dapo.group_ids_from_uids(torch.arange(3))
     with pytest.raises(ha.ArgumentError, match="uids: expected a 1-D sequence"):
         dapo.group_ids_from_uids(np.array([["a", "b"]], dtype=object))
+    with pytest.raises(ha.ArgumentError, match="group_ids: expected a 1-D sequence"):
+        dapo.group_advantages(torch.zeros(2), group_ids=np.array([["a", "b"]], dtype=object))
 
 
 @pytest.mark.parametrize("form", ["numpy", "list"])

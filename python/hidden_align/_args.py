@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._groups import group_ids_from_uids, is_uid_sequence
+from ._groups import hash_uids, is_uid_sequence
 from .errors import ArgumentError, DeviceError
 
 
@@ -34,12 +34,12 @@ def moves_to(source: torch.device, target: torch.device) -> bool:
 
 def group_ids_on(group_ids, data: torch.Tensor):
     """``group_ids`` as a tensor on the device of ``data``. uid strings (a list of str, verl's
-    numpy object array) become ids through :func:`group_ids_from_uids`; ids on the host for
+    numpy object array) become ids through ``dapo.group_ids_from_uids``; ids on the host for
     CUDA data are copied over with ``non_blocking=True`` (the source is staged at once, so
     nothing waits for the device); any other tensor is returned as it is, for
     :func:`same_device` to judge."""
     if is_uid_sequence(group_ids):
-        group_ids = group_ids_from_uids(group_ids)
+        group_ids = hash_uids(group_ids, "group_ids")
     require_tensor("group_ids", group_ids, optional=True)
     if isinstance(group_ids, torch.Tensor) and moves_to(group_ids.device, data.device):
         return group_ids.to(data.device, non_blocking=True)

@@ -9,7 +9,7 @@ import torch
 from . import _native
 from .errors import ArgumentError
 
-__all__ = ["group_ids_from_uids", "is_uid_sequence"]
+__all__ = ["group_ids_from_uids", "hash_uids", "is_uid_sequence"]
 
 
 def is_uid_sequence(value) -> bool:
@@ -33,7 +33,8 @@ def group_ids_from_uids(uids: Iterable, *, device=None) -> torch.Tensor:
 
     Args:
         uids: the uids, any iterable (a 1-D numpy object or string array, a list of str);
-            items that are not str go through ``str()``. A single str is refused.
+            bytes are hashed as they are, other items that are not str go through ``str()``.
+            A single str is refused.
         device: where to create the ids; default None, the CPU. Every op taking ``group_ids``
             also accepts CPU ids with CUDA data and copies them over without blocking.
 
@@ -45,16 +46,21 @@ def group_ids_from_uids(uids: Iterable, *, device=None) -> torch.Tensor:
         >>> bool(ids[0] == ids[2]), bool(ids[0] == ids[1])
         (True, False)
     """
+    return hash_uids(uids, "uids", device)
+
+
+def hash_uids(uids, name: str, device=None) -> torch.Tensor:
+    """:func:`group_ids_from_uids` with errors naming the argument ``name``."""
     if isinstance(uids, (str, bytes)):
         raise ArgumentError(
-            "uids: expected a sequence of uid strings, got a single "
+            f"{name}: expected a sequence of uid strings, got a single "
             f"{type(uids).__name__}; wrap it in a list"
         )
     if isinstance(uids, torch.Tensor):
-        raise ArgumentError("uids: expected uid strings, got a tensor (already group ids?)")
+        raise ArgumentError(f"{name}: expected uid strings, got a tensor (already group ids?)")
     ndim = getattr(uids, "ndim", 1)
     if ndim != 1:
-        raise ArgumentError(f"uids: expected a 1-D sequence of uids, got {ndim} dimensions")
+        raise ArgumentError(f"{name}: expected a 1-D sequence of uids, got {ndim} dimensions")
     if hasattr(uids, "tolist") and ndim == 1:
         # A numpy array: its list is built in C, and a list is the fastest thing to iterate.
         uids = uids.tolist()

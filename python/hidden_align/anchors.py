@@ -335,6 +335,11 @@ def find_anchors(
     require_tensor("token_ids", token_ids)
     require_tensor("response_mask", response_mask)
     same_device(("token_ids", token_ids), ("response_mask", response_mask))
+    if token_ids.dtype not in (torch.int64, torch.int32):
+        raise DtypeError(f"token_ids: expected dtype int64 or int32, got {token_ids.dtype}")
+    if response_mask.dtype in (torch.int8, torch.int16):
+        # The native side reads bool, uint8, int32, int64 and floats; narrower ints as flags.
+        response_mask = response_mask != 0
     check_choice("occurrence", occurrence, ("last", "first"))
     check_int("offset", offset, optional=False)
     if not -(2**63) <= offset < 2**63:

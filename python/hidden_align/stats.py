@@ -229,7 +229,7 @@ class GroupAnchorStats:
 
         A collective: every rank of the group must call it, in the same order as its other
         collectives. Ranks may hold different group-id sets; the result holds their union, in
-        sorted order, and is the same on every rank. Three collectives: all-gathers of the
+        sorted order, and is the same on every rank. Four collectives: all-gathers of the
         id counts and of the ids (padded to the largest count; the union is built on the
         host), then one sum all-reduce of the sums and one of the counts. Tensors stay on the
         stats' device (CUDA for NCCL). Every rank must use the same ``eps`` and
@@ -293,8 +293,10 @@ class GroupAnchorStats:
         """
         group_ids = group_ids_on(group_ids, self.unit_sum)
         require_tensor("group_ids", group_ids)
+        if group_ids.dtype == torch.int32:
+            group_ids = group_ids.long()
         if group_ids.dtype != torch.int64:
-            raise DtypeError(f"group_ids: expected int64, got {group_ids.dtype}")
+            raise DtypeError(f"group_ids: expected int64 or int32, got {group_ids.dtype}")
         if group_ids.dim() != 1:
             raise ShapeError(f"group_ids: expected [B], got {tuple(group_ids.shape)}")
         same_device(("stats", self.unit_sum), ("group_ids", group_ids))
@@ -312,6 +314,8 @@ class GroupAnchorStats:
                 f"loss_type: expected None or one of {tuple(_SUM_OF)}, got {loss_type!r}"
             )
         group_ids = group_ids_on(group_ids, self.unit_sum)
+        if isinstance(group_ids, torch.Tensor) and group_ids.dtype == torch.int32:
+            group_ids = group_ids.long()
         pos, found = self.lookup(group_ids)
         batch = pos.shape[0]
         keep = set(_SUM_OF.values()) if loss_type is None else {_SUM_OF[loss_type]}
@@ -324,6 +328,30 @@ class GroupAnchorStats:
             unit_sum=_take(self.unit_sum, pos, found) if "unit_sum" in keep else None,
             raw_sum=_take(self.raw_sum, pos, found) if "raw_sum" in keep else None,
         )
+
+
+def _group_sums(values: list, inverse: torch.Tensor, num: int) -> list:
+    """Per group the sum of the rows of each tensor in ``values`` (``[B, ...]``), group of row b
+    ``inverse[b]``, in a fixed order on every device: the rows are laid out as
+    ``[G, max group size, ...]`` (zeros where a group is smaller) and summed along the middle
+    dimension, a deterministic reduction, where ``index_add_`` would add with float atomics on
+    CUDA. Reads the largest group size on the host. Memory: G times the largest group size
+    rows of each tensor (B rows when groups have equal sizes)."""
+    dev = inverse.device
+    if inverse.numel() == 0:
+        return [torch.zeros((num,) + tuple(v.shape[1:]), dtype=v.dtype, device=dev) for v in values]
+    sizes = torch.bincount(inverse, minlength=num)
+    order = torch.sort(inverse, stable=True).indices
+    group = inverse[order]
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(inverse.numel(), device=dev) - starts[group]
+    width = int(sizes.max())
+    out = []
+    for v in values:
+        laid = torch.zeros((num, width) + tuple(v.shape[1:]), dtype=v.dtype, device=dev)
+        laid[group, slot] = v[order]
+        out.append(laid.sum(1))
+    return out
 
 
 def _zeros_like_stats(like: GroupAnchorStats, group_ids: torch.Tensor) -> GroupAnchorStats:
@@ -362,10 +390,10 @@ def group_anchor_stats(
     :meth:`GroupAnchorStats.all_reduce`, then pass the result (or its per-row form
     :meth:`GroupAnchorStats.rows`) to ``hidden_align.loss(..., reference=...)``.
 
-    On CUDA, finding the distinct group ids reads their number on the host (one
-    synchronisation), and a malformed anchor (which the loss turns into NaN there) makes
-    every sum NaN. The per-group sums use ``index_add_``, which on CUDA adds with atomics:
-    the last bits may vary between runs unless ``torch.use_deterministic_algorithms(True)``.
+    On CUDA, finding the distinct group ids and the largest group reads them on the host
+    (synchronisations), and a malformed anchor (which the loss turns into NaN there) makes
+    every sum NaN. The per-group sums are reductions in a fixed order (no float atomics): the
+    same inputs give the same bits on every run.
     """
     require_tensor("hidden", hidden)
     require_tensor("mask", mask)
@@ -390,7 +418,8 @@ def group_anchor_stats(
         labels = group_ids
         if labels is None:
             labels = torch.arange(batch, device=dev) // group_size
-        ids, inverse = torch.unique(labels, sorted=True, return_inverse=True)
+        # int32 labels (accepted by every op) are the same groups as int64 ones.
+        ids, inverse = torch.unique(labels.long(), sorted=True, return_inverse=True)
         acc = accumulator(hidden.dtype)
         h = gather_anchor_rows(hidden, rows, acc)
         u, _, _ = unit_rows(h, eps)
@@ -398,12 +427,10 @@ def group_anchor_stats(
         zero = torch.zeros((), dtype=acc, device=dev)
         u = torch.where(part[:, None], u, zero)
         h = torch.where(part[:, None], h, zero)
-        num, hs = ids.shape[0], hidden.shape[-1]
-        unit_sum = torch.zeros(num, hs, dtype=acc, device=dev).index_add_(0, inverse, u)
-        raw_sum = torch.zeros(num, hs, dtype=acc, device=dev).index_add_(0, inverse, h)
-        sq = torch.zeros(num, dtype=acc, device=dev).index_add_(0, inverse, (u * u).sum(-1))
+        num = ids.shape[0]
         count = torch.zeros(num, dtype=torch.int64, device=dev)
-        count.index_add_(0, inverse, part.to(torch.int64))
+        count.index_add_(0, inverse, part.to(torch.int64))  # integer sums: any order is exact
+        unit_sum, raw_sum, sq = _group_sums([u, h, (u * u).sum(-1)], inverse, num)
         # The kernel backend reports a malformed anchor as a row instead of raising.
         bad = (rows < -1).any()
         nan = torch.full((), float("nan"), dtype=acc, device=dev)

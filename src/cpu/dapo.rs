@@ -62,7 +62,11 @@ pub fn group_advantages(
         count[g] += 1;
         sum[g] += r;
     }
-    let mean: Vec<f64> = sum.iter().zip(&count).map(|(&s, &n)| s / n as f64).collect();
+    let mean: Vec<f64> = sum
+        .iter()
+        .zip(&count)
+        .map(|(&s, &n)| s / n as f64)
+        .collect();
     let mut square = vec![0f64; num_groups];
     for (&g, &r) in group.iter().zip(scores) {
         square[g] += (r - mean[g]).powi(2);
@@ -70,10 +74,7 @@ pub fn group_advantages(
     let stats: Vec<(f32, f32)> = (0..num_groups)
         .map(|g| match count[g] {
             1 => (0.0, 1.0),
-            n => (
-                mean[g] as f32,
-                (square[g] / (n as f64 - 1.0)).sqrt() as f32,
-            ),
+            n => (mean[g] as f32, (square[g] / (n as f64 - 1.0)).sqrt() as f32),
         })
         .collect();
     for (b, o) in out.iter_mut().enumerate() {

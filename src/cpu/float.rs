@@ -196,6 +196,10 @@ impl Strided2 {
         if self.cs != 1 {
             return None;
         }
+        if n == 0 {
+            // An empty tensor's data pointer may be null, which no slice may hold.
+            return Some(&[]);
+        }
         // SAFETY: contiguous columns, in bounds by the caller's promise.
         Some(unsafe {
             let p = (self.base as *const T).offset(r as isize * self.rs + c0 as isize);

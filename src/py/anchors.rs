@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use pyo3::prelude::*;
-use pyo3::types::PyString;
+use pyo3::types::{PyBytes, PyString};
 
 use super::errors::run;
 use super::tensor::import_on;
@@ -51,8 +51,8 @@ pub fn find_anchors(
 }
 
 /// Writes the stable group id of each uid of `uids` (any iterable: a numpy object array, a
-/// list; items that are not strings go through `str()`) into `out` (int64 `[len]`, CPU,
-/// contiguous).
+/// list; bytes are hashed as they are, other items that are not strings go through `str()`)
+/// into `out` (int64 `[len]`, CPU, contiguous).
 ///
 /// verl repeats each prompt's uid object for its rollouts (`np.repeat` of an object array), so
 /// an object seen before reuses its id: each distinct object is read and hashed once. Every
@@ -74,9 +74,13 @@ pub fn uid_group_ids(
         let id = match seen.get(&address) {
             Some(&id) => id,
             None => {
-                let id = match item.cast_exact::<PyString>() {
-                    Ok(s) => uid_group_id(s.to_cow()?.as_bytes()),
-                    Err(_) => uid_group_id(item.str()?.to_cow()?.as_bytes()),
+                let id = if let Ok(s) = item.cast_exact::<PyString>() {
+                    uid_group_id(s.to_cow()?.as_bytes())
+                } else if let Ok(b) = item.cast::<PyBytes>() {
+                    // bytes uids (a numpy `S` array) are their own encoding.
+                    uid_group_id(b.as_bytes())
+                } else {
+                    uid_group_id(item.str()?.to_cow()?.as_bytes())
                 };
                 seen.insert(address, id);
                 alive.push(item);
@@ -114,6 +118,8 @@ impl Hasher for AddressHasher {
     fn write_usize(&mut self, address: usize) {
         // Fibonacci hashing; the low bits of an address are always zero, the high bits of the
         // product are not.
-        self.0 = (address as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(32);
+        self.0 = (address as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(32);
     }
 }

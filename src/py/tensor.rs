@@ -81,7 +81,7 @@ impl Borrowed {
         let dtype = dtype_of(t.dtype()).ok_or_else(|| Error::Dtype {
             arg: self.name,
             expected: "bool, uint8, int32, int64, float16, bfloat16, float32 or float64".into(),
-            got: format!("{:?}", t.dtype()),
+            got: describe(t.dtype()),
         })?;
         let device = match t.device().device_type {
             DLDeviceType::CPU => Device::Cpu,
@@ -108,6 +108,25 @@ impl Borrowed {
         // strides lies in its allocation, which `self.owner` keeps alive for '_.
         Ok(unsafe { TensorRef::from_raw_parts(self.name, ptr, dtype, device, shape, strides) })
     }
+}
+
+/// A DLPack dtype in the words PyTorch uses (`int16`, `complex64`, ...).
+fn describe(d: DLDataType) -> String {
+    let kind = match d.code.0 {
+        0 => "int",
+        1 => "uint",
+        2 => "float",
+        4 => "bfloat",
+        5 => "complex",
+        6 => "bool",
+        code => return format!("DLPack dtype code {code} of {} bits", d.bits),
+    };
+    let lanes = if d.lanes == 1 {
+        String::new()
+    } else {
+        format!(" x{}", d.lanes)
+    };
+    format!("{kind}{}{lanes}", d.bits)
 }
 
 fn dtype_of(d: DLDataType) -> Option<DType> {
