@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test of the project from a fresh clone: installs the package (built with the
 # `emulation` feature, so the CUDA kernels also run on the CPU) with its test and parity extras
-# (torch, pytest, ruff, ptxas, verl), then the Rust checks, the kernel compile check, the
-# ThreadSanitizer run of the emulated kernels and the Python tests.
+# (torch, pytest, ruff, ptxas, verl, TRL, tokenizers, transformers) and OpenRLHF (without its
+# GPU-only dependencies), then the Rust checks, the kernel compile check, the ThreadSanitizer
+# run of the emulated kernels and the Python tests, the latter also with torch 2.11, the
+# version verl 0.9.1 pins.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MATURIN_PEP517_ARGS="--features emulation" python -m pip install --quiet --editable ".[test,parity]"
+# OpenRLHF's dependencies include GPU-only packages (flash-attn, deepspeed, vllm): its loss is
+# tested against ours with those stubbed, so it is installed without them.
+python -m pip install --quiet --no-deps "openrlhf==0.11.1" ||
+    echo "OpenRLHF 0.11.1 has no wheel for this Python: its tests will skip"
 
 echo "== cargo fmt / clippy / test"
 cargo fmt --all -- --check
@@ -30,3 +36,12 @@ echo "== pytest"
 python -m pytest -q
 echo "== pytest: the emulated kernels again, four blocks of each launch at once"
 HIDDEN_ALIGN_EMULATED_BLOCKS=4 python -m pytest -q tests/test_cuda_emulated.py
+
+echo "== pytest with torch 2.11 (verl 0.9.1's pin), in a virtual environment over this one"
+venv=target/venv-torch2.11
+if [ ! -x "$venv/bin/python" ]; then
+    python -m venv --system-site-packages "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet "torch==2.11.0"
+"$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11"), torch.__version__'
+"$venv/bin/python" -m pytest -q -p no:cacheprovider

@@ -230,7 +230,9 @@ def test_argument_errors_still_raise():
 
     with pytest.raises(Exception) as info:
         torch.compile(fn, fullgraph=True, backend="aot_eager")(case.hidden)
-    assert "loss_type: expected one of" in str(info.value.__cause__)
+    # torch 2.15 chains our error itself; torch 2.11 (verl's pin) names its class only.
+    cause = str(info.value.__cause__)
+    assert "loss_type: expected one of" in cause or "ArgumentError" in cause, cause
     torch._dynamo.reset()
     with pytest.raises(ha.ArgumentError, match="loss_type"):
         torch.compile(fn, backend="aot_eager")(case.hidden)
