@@ -1,0 +1,1 @@
+"""Drop-in integrations for verl, OpenRLHF and TRL."""

@@ -1,0 +1,441 @@
+"""Hidden-Align for TRL's ``GRPOTrainer`` (tested with TRL 1.16).
+
+:class:`HiddenAlignGRPOTrainer` is ``GRPOTrainer`` plus the alignment term: the hidden state
+of each completion's anchor (the token before its answer marker) is pulled towards those of
+the other correct completions of the same prompt. Use it where you would use ``GRPOTrainer``::
+
+    from hidden_align.integrations.trl import HiddenAlignGRPOTrainer
+
+    trainer = HiddenAlignGRPOTrainer(
+        model="Qwen/Qwen2.5-0.5B-Instruct",
+        reward_funcs=[accuracy, format_reward],
+        args=GRPOConfig(...),
+        train_dataset=dataset,
+        align_coef=0.1,
+        align_markers=["Answer:", "\\\\boxed{"],
+        align_reward="accuracy",  # correct: this reward function's value > align_threshold
+    )
+    trainer.train()  # logs hidden_align/align_loss and hidden_align/anchor_cosine
+
+:class:`HiddenAlignGRPOMixin` carries the behaviour, for a ``GRPOTrainer`` subclass of your
+own: ``class MyTrainer(HiddenAlignGRPOMixin, MyGRPOTrainer)``.
+
+TRL is imported when ``HiddenAlignGRPOTrainer`` is first looked up, not with this module.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._args import as_float, check_choice, check_int
+from ..align import loss as align_loss
+from ..anchors import find_anchors, marker_token_ids
+from ..errors import ArgumentError, HiddenAlignError, ShapeError
+
+# HiddenAlignGRPOTrainer comes from the module __getattr__ below.
+__all__ = ["HiddenAlignGRPOMixin", "HiddenAlignGRPOTrainer"]  # noqa: F822
+
+_LOSS_TYPES = ("cosine", "centroid", "mse", "contrastive")
+# Per-completion columns added to TRL's batch: TRL shuffles and splits every [B] tensor of its
+# batch in unison, so these stay attached to their rows.
+REWARD_KEY = "hidden_align_reward"
+GROUP_KEY = "hidden_align_group"
+_METRICS = ("align_loss", "anchor_cosine", "anchored_fraction", "valid_groups")
+_INSTALL = "pip install trl"
+
+
+def _check_coef(value) -> float:
+    coef = as_float("align_coef", value)
+    if not math.isfinite(coef) or coef < 0:
+        raise ArgumentError(f"align_coef: expected a finite number >= 0, got {value!r}")
+    return coef
+
+
+def _check_markers_given(markers) -> None:
+    example = "e.g. ['Answer:', '\\\\boxed{'], or lists of token ids"
+    if markers is None:
+        raise ArgumentError(
+            f"align_markers: required: the answer marker(s) whose preceding token is the anchor, "
+            f"{example}"
+        )
+    if isinstance(markers, str):
+        return
+    if isinstance(markers, (bytes, torch.Tensor)) or not isinstance(markers, Sequence):
+        raise ArgumentError(
+            "align_markers: expected a str or a non-empty list of str or token-id lists "
+            f"({example}), got {type(markers).__name__}"
+        )
+    if not markers:
+        raise ArgumentError(f"align_markers: expected at least one marker ({example}), got []")
+
+
+def _resolve_markers(markers, processing_class) -> list:
+    """Token-id spellings of ``markers``: strings through the tokenizer, id lists as given."""
+    items = [markers] if isinstance(markers, str) else list(markers)
+    # A VLM processor carries its tokenizer; a tokenizer is its own.
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    spellings = []
+    for item in items:
+        if isinstance(item, str):
+            if tokenizer is None:
+                raise ArgumentError(
+                    f"align_markers: the string {item!r} needs the trainer's tokenizer, and it "
+                    "has none; pass token-id lists instead"
+                )
+            found = marker_token_ids(tokenizer, item)
+        elif isinstance(item, torch.Tensor) and item.dim() == 1:
+            found = [item.tolist()]
+        else:
+            found = [item]  # checked below, with the error find_anchors gives
+        for ids in found:
+            if not isinstance(ids, list) or ids not in spellings:
+                spellings.append(ids)
+    try:
+        # The id lists are checked by the function that will read them, on an empty batch.
+        find_anchors(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, 0), spellings)
+    except ArgumentError as exc:
+        raise ArgumentError(f"align_markers: {exc}") from exc
+    return [list(ids) for ids in spellings]
+
+
+def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
+    """The decoder blocks of a backbone: ``layers`` (Llama, Qwen, Mistral), ``h`` (GPT-2) or
+    ``blocks``; else the shallowest ``ModuleList`` named ``layers`` (a VLM's language model)."""
+    for name in ("layers", "h", "blocks"):
+        found = getattr(backbone, name, None)
+        if isinstance(found, nn.ModuleList):
+            return found
+    candidates = [
+        (name.count("."), name, module)
+        for name, module in backbone.named_modules()
+        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers"
+    ]
+    return min(candidates, key=lambda c: c[:2])[2] if candidates else None
+
+
+def _hidden_of(output):
+    """The hidden states in a module's output: a ``BaseModelOutput``, a tuple or a tensor."""
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is not None:
+        return hidden
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class HiddenAlignGRPOMixin:
+    """Adds the Hidden-Align term to a ``GRPOTrainer`` (see :class:`HiddenAlignGRPOTrainer`).
+
+    Put it before the trainer class in the bases: ``class T(HiddenAlignGRPOMixin, GRPOTrainer)``.
+    It overrides ``_calculate_rewards`` and ``_generate_and_score_completions`` (to carry each
+    completion's reward and group with its row) and ``_compute_loss`` (to add the term).
+    """
+
+    def __init__(
+        self,
+        *args,
+        align_coef: float = 0.1,
+        align_markers=None,
+        align_reward: str | None = None,
+        align_threshold: float = 0.5,
+        align_loss_type: str = "cosine",
+        align_layer: int | None = None,
+        align_offset: int = -1,
+        **kwargs,
+    ):
+        # What can be checked without the model is checked before TRL loads it.
+        self.align_coef = _check_coef(align_coef)
+        _check_markers_given(align_markers)
+        if align_reward is not None and not isinstance(align_reward, str):
+            raise ArgumentError(
+                f"align_reward: expected the name of a reward function (a str) or None, "
+                f"got {type(align_reward).__name__}"
+            )
+        self.align_threshold = as_float("align_threshold", align_threshold)
+        if math.isnan(self.align_threshold):
+            raise ArgumentError("align_threshold: expected a number, got nan")
+        check_choice("align_loss_type", align_loss_type, _LOSS_TYPES)
+        self.align_loss_type = align_loss_type
+        check_int("align_layer", align_layer)
+        check_int("align_offset", align_offset, optional=False)
+        self.align_offset = align_offset
+        self._align_rewards = None
+        super().__init__(*args, **kwargs)
+
+        names = list(self.reward_func_names)
+        if align_reward is None:
+            self.align_reward = names[0]
+        elif names.count(align_reward) == 1:
+            self.align_reward = align_reward
+        else:
+            problem = "is ambiguous among" if align_reward in names else "is not one of"
+            raise ArgumentError(
+                f"align_reward: {align_reward!r} {problem} the trainer's reward functions {names}"
+            )
+        self._align_reward_index = names.index(self.align_reward)
+        self.align_markers = _resolve_markers(align_markers, self.processing_class)
+        if align_layer is not None:
+            layers = _decoder_layers(self._align_backbone(self.model))
+            if layers is None:
+                raise ArgumentError(
+                    f"align_layer: found no decoder layers in {type(self.model).__name__}; "
+                    "use align_layer=None (the backbone's output, after its final norm)"
+                )
+            if not -len(layers) <= align_layer < len(layers):
+                raise ArgumentError(
+                    f"align_layer: expected an index into the model's {len(layers)} decoder "
+                    f"layers ({-len(layers)} to {len(layers) - 1}) or None, got {align_layer}"
+                )
+        self.align_layer = align_layer
+
+    # ---- rewards and groups, attached to the rows ------------------------------------------
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(
+            inputs, prompts, completions, completion_ids_list
+        )
+        # [completions of every process, reward functions]; sliced to this process's rows below.
+        self._align_rewards = rewards_per_func[:, self._align_reward_index]
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs):
+        self._align_rewards = None
+        output = super()._generate_and_score_completions(inputs)
+        rewards, self._align_rewards = self._align_rewards, None
+        if rewards is None:
+            raise RuntimeError(
+                "HiddenAlignGRPOTrainer: GRPOTrainer scored completions without "
+                "_calculate_rewards; this TRL version is not supported (tested with 1.16)"
+            )
+        # TRL gathers every process's completions in process order and forms groups of
+        # num_generations consecutive ones; this process holds the len(inputs) rows at `start`.
+        local = len(inputs)
+        start = self.accelerator.process_index * local
+        if rewards.shape[0] != local * self.accelerator.num_processes:
+            raise ShapeError(
+                f"align_reward: expected {local * self.accelerator.num_processes} rewards "
+                f"({local} completions on each of {self.accelerator.num_processes} processes), "
+                f"got {rewards.shape[0]}"
+            )
+        mode = "train" if self.model.training else "eval"
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        device = output["completion_ids"].device
+        output[REWARD_KEY] = rewards[start : start + local].to(device)
+        # Labels from the position before TRL shuffles the rows; the loss takes them in any order.
+        output[GROUP_KEY] = torch.arange(start, start + local, device=device) // group_size
+        return output
+
+    # ---- the loss --------------------------------------------------------------------------
+
+    def _align_backbone(self, model: nn.Module) -> nn.Module:
+        """The module whose ``last_hidden_state`` TRL's fused LM head reads."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        get_base_model = getattr(unwrapped, "get_base_model", None)  # a PEFT model
+        causal_lm = get_base_model() if callable(get_base_model) else unwrapped
+        return getattr(causal_lm, "base_model", causal_lm)
+
+    def _align_capture_module(self, model: nn.Module) -> nn.Module:
+        backbone = self._align_backbone(model)
+        if self.align_layer is None:
+            return backbone
+        layers = _decoder_layers(backbone)
+        if layers is None:
+            raise ArgumentError(
+                f"align_layer: found no decoder layers in {type(backbone).__name__}"
+            )
+        return layers[self.align_layer]
+
+    def compute_align_loss(self, inputs: dict, hidden: torch.Tensor) -> tuple:
+        """The alignment loss of one batch of TRL's, before the coefficient and any scaling.
+
+        Args:
+            inputs: the batch ``_compute_loss`` receives (``prompt_ids``, ``completion_ids``,
+                ``completion_mask`` and the reward and group columns this trainer adds).
+            hidden: ``[B, P + C, H]`` hidden states over the prompt and completion tokens.
+
+        Returns:
+            ``(loss, stats)``: the 0-d float32 loss of :func:`hidden_align.loss` and its stats
+            (``mean_cosine``, ``valid_groups``, ``anchored_correct``) plus ``anchors``, the
+            ``[B]`` anchor positions in ``P + C`` (-1: no marker in the completion).
+        """
+        missing = [key for key in (REWARD_KEY, GROUP_KEY) if key not in inputs]
+        if missing:
+            raise ArgumentError(
+                f"inputs: missing {missing}: the batch must come from this trainer's "
+                "_generate_and_score_completions"
+            )
+        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
+        token_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        if tuple(hidden.shape[:2]) != tuple(token_ids.shape):
+            raise ShapeError(
+                f"hidden: expected [B, P + C, H] with [B, P + C] = {list(token_ids.shape)} "
+                f"(prompt and completion tokens), got shape {list(hidden.shape)}"
+            )
+        in_completion = torch.cat(
+            [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], dim=1
+        )
+        anchors = find_anchors(
+            token_ids, in_completion, self.align_markers, offset=self.align_offset
+        )
+        value, stats = align_loss(
+            hidden,
+            anchors,
+            inputs[REWARD_KEY],
+            group_ids=inputs[GROUP_KEY],
+            loss_type=self.align_loss_type,
+            threshold=self.align_threshold,
+            return_stats=True,
+        )
+        return value, {**stats, "anchors": anchors}
+
+    def _compute_loss(self, model, inputs):
+        # TRL's forward returns log-probs only (its fused LM head), so the hidden states are
+        # taken from the module that produces them while TRL runs its own forward.
+        captured = []
+        module = self._align_capture_module(model)
+        handle = module.register_forward_hook(lambda _m, _a, out: captured.append(_hidden_of(out)))
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            # Removed before backward: a checkpointed layer's recomputation must not append.
+            handle.remove()
+        if not captured:
+            raise HiddenAlignError(
+                f"HiddenAlignGRPOTrainer: {type(module).__name__} did not run during TRL's "
+                "forward, so no hidden state was captured"
+            )
+        hidden = captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
+        mode = "train" if self.model.training else "eval"
+        add = self.align_coef != 0
+        if add and torch.is_grad_enabled() and not hidden.requires_grad:
+            raise HiddenAlignError(
+                f"align_layer={self.align_layer}: the captured hidden state carries no gradient "
+                "(reentrant gradient checkpointing runs each layer without autograd); use "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} or align_layer=None"
+            )
+        # With a zero coefficient nothing is added (0 * NaN would still reach the loss), but the
+        # diagnostics are still logged: a baseline run shows how aligned the anchors are.
+        with torch.set_grad_enabled(add and torch.is_grad_enabled()):
+            value, stats = self.compute_align_loss(inputs, hidden if add else hidden.detach())
+        if add:
+            # Like TRL's own auxiliary loss: each micro-batch's share of the accumulated step.
+            scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+            loss = loss + self.align_coef * value / scale
+        self._log_align_metrics(mode, value, stats)
+        return loss
+
+    def _log_align_metrics(self, mode: str, value: torch.Tensor, stats: dict) -> None:
+        anchors = stats["anchors"]
+        row = torch.stack(
+            [
+                value.detach().float(),
+                stats["mean_cosine"].float(),
+                (anchors >= 0).float().mean(),
+                stats["valid_groups"].float(),
+            ]
+        ).to(anchors.device)
+        # One collective and one host read for all four; NaN cosines (no valid group on a
+        # process) are left out of the mean, and TRL's log drops an all-NaN value.
+        gathered = self.accelerator.gather(row).view(-1, len(_METRICS))
+        for name, mean in zip(_METRICS, gathered.nanmean(dim=0).tolist()):
+            self._metrics[mode][f"hidden_align/{name}"].append(mean)
+
+
+_TRAINER = None
+
+
+def _trainer_class() -> type:
+    global _TRAINER
+    if _TRAINER is not None:
+        return _TRAINER
+    try:
+        from trl import GRPOTrainer
+    except ImportError as exc:
+        raise ImportError(
+            f"HiddenAlignGRPOTrainer needs TRL (tested with 1.16): {_INSTALL}"
+        ) from exc
+    needed = ("_calculate_rewards", "_generate_and_score_completions", "_compute_loss")
+    absent = [name for name in needed if not hasattr(GRPOTrainer, name)]
+    if absent:
+        import trl
+
+        raise ImportError(
+            f"HiddenAlignGRPOTrainer: TRL {trl.__version__}'s GRPOTrainer lacks {absent}, which "
+            "this integration overrides (tested with TRL 1.16)"
+        )
+
+    class HiddenAlignGRPOTrainer(HiddenAlignGRPOMixin, GRPOTrainer):
+        """TRL's ``GRPOTrainer`` with the Hidden-Align alignment term added to its loss.
+
+        Every ``GRPOTrainer`` argument is accepted as is; the ``align_*`` keywords configure the
+        term ``align_coef * hidden_align.loss(hidden, anchors, rewards, group_ids=groups)``:
+
+        * ``hidden``: the policy's last hidden state (the backbone's output, after its final
+          norm) over prompt and completion, captured during TRL's own forward: no extra pass.
+        * ``anchors``: per completion, the token before the last answer marker inside the
+          completion (:func:`hidden_align.find_anchors`); -1 (no part in the loss) without one.
+        * ``rewards``: the value of the reward function named ``align_reward``; a completion
+          is correct when it is above ``align_threshold``.
+        * ``groups``: TRL's groups of ``num_generations`` completions of one prompt
+          (``num_generations_eval`` in evaluation).
+
+        In training each micro-batch adds ``align_coef * loss / gradient_accumulation_steps``,
+        as TRL scales its own auxiliary loss. The loss is that of the rows of the micro-batch:
+        with ``steps_per_generation > 1`` TRL shuffles a generation batch into several
+        micro-batches, and a group's correct completions are then aligned with those that share
+        their micro-batch. With ``align_coef=0`` nothing is added (the run is plain
+        ``GRPOTrainer``) and the metrics are still logged.
+
+        Logged per step (averaged over micro-batches and processes): ``hidden_align/align_loss``
+        (the loss before the coefficient; 0 when no group has two correct anchored
+        completions), ``hidden_align/anchor_cosine`` (mean pairwise cosine of correct anchors
+        within groups; absent when no group has two), ``hidden_align/anchored_fraction``
+        (completions with a marker) and ``hidden_align/valid_groups``.
+
+        Args:
+            *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ...).
+            align_coef: the coefficient of the term, a finite number >= 0 (default 0.1). It may
+                be changed between steps (``trainer.align_coef = ...``).
+            align_markers: the answer marker(s): a string, or a list of strings and token-id
+                lists. Strings become every spelling the tokenizer gives them
+                (:func:`hidden_align.marker_token_ids`); id lists are used as given. Required.
+            align_reward: the name of the reward function that decides correctness, as TRL
+                names it (a function's ``__name__``; ``trainer.reward_func_names``). Default:
+                the first reward function.
+            align_threshold: correct means ``reward > align_threshold`` (default 0.5); a reward
+                function's ``None`` (NaN) counts as incorrect.
+            align_loss_type: ``"cosine"`` (default), ``"centroid"``, ``"mse"`` or
+                ``"contrastive"`` (see :func:`hidden_align.loss`).
+            align_layer: ``None`` (default): the backbone's output, after its final norm
+                (``output_hidden_states=True``'s ``hidden_states[-1]``); an int ``i``: the
+                output of decoder layer ``i`` (Python indexing, before the final norm; for
+                ``i >= 0``, ``hidden_states[i + 1]``). With an int and
+                gradient checkpointing, checkpointing must be non-reentrant (the default).
+            align_offset: the anchor's position relative to the marker's first token (default
+                -1, the token before it; see :func:`hidden_align.find_anchors`).
+            **kwargs: ``GRPOTrainer``'s keyword arguments (``args``, ``train_dataset``,
+                ``processing_class``, ``peft_config``, ...).
+
+        Raises:
+            ArgumentError: an invalid ``align_*`` value, an ``align_reward`` that names no
+                reward function (the message lists them), or ``align_layer`` out of range.
+        """
+
+    # Named as the attribute it is reached by, so that pickle finds it.
+    HiddenAlignGRPOTrainer.__module__ = __name__
+    HiddenAlignGRPOTrainer.__qualname__ = "HiddenAlignGRPOTrainer"
+    _TRAINER = HiddenAlignGRPOTrainer
+    return _TRAINER
+
+
+def __getattr__(name: str):
+    # TRL's trainer module takes seconds to import: done on first use of the trainer only.
+    if name == "HiddenAlignGRPOTrainer":
+        return _trainer_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | {"HiddenAlignGRPOTrainer"})

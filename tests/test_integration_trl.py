@@ -1,0 +1,328 @@
+"""``hidden_align.integrations.trl.HiddenAlignGRPOTrainer`` end to end on the CPU, with TRL's own
+trainer: a tiny randomly initialised Qwen2 causal LM, a byte-level BPE tokenizer trained here on
+a small corpus (nothing downloaded), a toy verifiable reward and two optimiser steps.
+
+* the alignment metrics appear in ``trainer.state.log_history``;
+* with ``align_coef=0`` the run is plain ``GRPOTrainer``, bit for bit (parameters and logs);
+* with ``align_coef > 0`` the parameters move differently;
+* on one batch, the term the trainer adds to TRL's loss (and to its gradient) is
+  ``align_coef * ha.loss(...) / gradient_accumulation_steps`` on hidden states computed
+  separately by ``output_hidden_states=True``, with anchors, rewards and groups derived here from
+  the batch's tokens (for the last hidden state and for a decoder layer's output).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import hidden_align as ha
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    try:
+        from datasets import Dataset
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+        from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+        from trl import GRPOConfig, GRPOTrainer
+    except Exception as exc:  # noqa: BLE001 - any import failure means TRL cannot run here
+        pytest.skip(
+            f"trl is not importable ({type(exc).__name__}: {exc}); install it: pip install trl",
+            allow_module_level=True,
+        )
+    # Outside the skip: with TRL present, a failure here is ours.
+    from hidden_align.integrations.trl import HiddenAlignGRPOTrainer
+
+PAIRS = [(a, a + 1) for a in range(8)]
+PROMPTS = [f"What is {a}+{b}?" for a, b in PAIRS]
+ANSWERS = [str(a + b) for a, b in PAIRS]
+GROUP = 4
+COEF = 0.5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # A model this small trains faster on one thread, and steadily on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def build_tokenizer():
+    # A small vocabulary (the corpus's characters and their merges, no byte alphabet): a
+    # random policy then writes digits often enough for the toy reward.
+    corpus = [f"What is {a}+{b}?\nx Answer: {a + b}" for a in range(10) for b in range(10)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=64,
+            special_tokens=["<pad>", "<eos>", "<unk>"],
+            show_progress=False,
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def markers(tokenizer):
+    # A random policy writes no real answer marker; half of the vocabulary as one-token
+    # "markers" gives nearly every completion an anchor, so groups with two correct anchored
+    # completions occur in every step.
+    return [[i] for i in range(3, len(tokenizer), 2)]
+
+
+def correct(completions, answer, **kwargs):
+    """Toy verifiable reward: 1 when the completion shows a digit of the reference answer."""
+    return [float(any(d in c for d in a)) for c, a in zip(completions, answer)]
+
+
+def brevity(completions, **kwargs):
+    """A second reward, never above the threshold: correctness must come from `correct`."""
+    return [-len(c) / 100 for c in completions]
+
+
+def make_model(tokenizer):
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+def make_trainer(cls, tokenizer, out_dir, **extra):
+    args = GRPOConfig(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,  # a generation batch of 16, shuffled into 2 micro-batches
+        num_generations=GROUP,
+        max_completion_length=12,
+        max_steps=2,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        learning_rate=1e-2,
+        seed=0,
+        bf16=False,
+        disable_tqdm=True,
+    )
+    data = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
+    return cls(
+        model=make_model(tokenizer),
+        reward_funcs=[brevity, correct],
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        **extra,
+    )
+
+
+def train(cls, tokenizer, out_dir, **extra):
+    trainer = make_trainer(cls, tokenizer, out_dir, **extra)
+    trainer.train()
+    params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    steps = [log for log in trainer.state.log_history if "loss" in log]
+    return params, steps
+
+
+@pytest.fixture(scope="module")
+def runs(tokenizer, markers, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return {
+            "plain": train(GRPOTrainer, tokenizer, out),
+            "zero": train(
+                HiddenAlignGRPOTrainer,
+                tokenizer,
+                out,
+                align_coef=0.0,
+                align_markers=markers,
+                align_reward="correct",
+            ),
+            "align": train(
+                HiddenAlignGRPOTrainer,
+                tokenizer,
+                out,
+                align_coef=COEF,
+                align_markers=markers,
+                align_reward="correct",
+            ),
+        }
+
+
+METRICS = ("hidden_align/align_loss", "hidden_align/anchor_cosine")
+
+
+def test_metrics_are_logged(runs):
+    for name in ("zero", "align"):
+        steps = runs[name][1]
+        assert len(steps) == 2
+        for log in steps:
+            assert all(key in log for key in METRICS), log.keys()
+            assert math.isfinite(log["hidden_align/align_loss"])
+            assert 0 < log["hidden_align/anchored_fraction"] <= 1
+        # The anchor cosine is None in a step without a valid group; the seeded run has them.
+        cosines = [log["hidden_align/anchor_cosine"] for log in steps]
+        assert all(c is not None and -1 <= c <= 1 for c in cosines), cosines
+    # Step 1 sees the same model and batch whatever the coefficient: the same diagnostics.
+    first = [runs[name][1][0] for name in ("zero", "align")]
+    assert all(first[0][k] == first[1][k] for k in METRICS)
+    assert runs["plain"][1][0].keys().isdisjoint(METRICS)
+
+
+def test_coef_zero_is_plain_grpo(runs):
+    plain, zero = runs["plain"], runs["zero"]
+    assert plain[0].keys() == zero[0].keys()
+    for name, value in plain[0].items():
+        assert torch.equal(value, zero[0][name]), name
+    assert len(plain[1]) == len(zero[1]) == 2
+
+    def logged(log):  # every logged value but the wall-clock time and our metrics
+        return {k: v for k, v in log.items() if k != "step_time" and "hidden_align" not in k}
+
+    for a, b in zip(plain[1], zero[1]):
+        assert logged(a) == logged(b)
+
+
+def test_alignment_term_changes_training(runs):
+    zero, align = runs["zero"], runs["align"]
+    moved = [name for name, value in align[0].items() if not torch.equal(value, zero[0][name])]
+    assert moved
+    assert zero[1][0]["grad_norm"] != align[1][0]["grad_norm"]
+    assert zero[1][0]["loss"] != align[1][0]["loss"]
+
+
+def _grads(loss, params):
+    # The reference forward serves two terms: keep its graph.
+    return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+
+def test_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(
+            HiddenAlignGRPOTrainer,
+            tokenizer,
+            tmp_path,
+            align_coef=COEF,
+            align_markers=markers,
+            align_reward="correct",
+        )
+    model = trainer.model
+    model.train()
+    # As in training (GRPOConfig's default): the layer hook then sits inside the checkpoint.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # What the training loop sets before each step; TRL's loss and ours divide by it.
+    trainer.current_gradient_accumulation_steps = 2
+    batch = next(iter(trainer.get_train_dataloader()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scored = trainer._generate_and_score_completions(batch)
+    # Shuffled as TRL shuffles before its micro-batches: groups are no longer contiguous.
+    order = torch.randperm(len(scored["prompt_ids"]))
+    inputs = {
+        k: v[order] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in scored.items()
+    }
+
+    # Rewards and groups from the tokens, independently of the trainer's bookkeeping.
+    prompts = tokenizer.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)
+    label = torch.tensor([PROMPTS.index(p) for p in prompts])
+    assert sorted(torch.bincount(label).tolist())[-2:] == [GROUP, GROUP]
+    completions = tokenizer.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
+    rewards = torch.tensor(correct(completions, [ANSWERS[i] for i in label]))
+    assert torch.equal(rewards, inputs["hidden_align_reward"])
+    token_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    in_completion = torch.cat(
+        [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], 1
+    )
+    anchors = ha.find_anchors(token_ids, in_completion, markers)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer.align_coef = 0.0
+    base = trainer.compute_loss(model, inputs)
+    base_grads = _grads(base, params)
+    out = model(
+        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
+    )
+    for layer, index in ((None, -1), (0, 1)):
+        trainer.align_coef, trainer.align_layer = COEF, layer
+        total = trainer.compute_loss(model, inputs)
+        expected, stats = ha.loss(
+            out.hidden_states[index], anchors, rewards, group_ids=label, return_stats=True
+        )
+        assert int(stats["valid_groups"]) >= 1
+        term = COEF * expected / 2
+        torch.testing.assert_close(total - base, term, rtol=1e-5, atol=1e-6)
+        term_grads = _grads(term, params)
+        assert any(g is not None and g.abs().max() > 0 for g in term_grads)
+        for got, ref, zero in zip(_grads(total, params), term_grads, base_grads):
+            if ref is None:  # the LM head: the term does not reach it
+                torch.testing.assert_close(got, zero, rtol=0, atol=0)
+            else:
+                torch.testing.assert_close(got - zero, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_arguments_are_checked(tokenizer, markers, tmp_path):
+    with pytest.raises(ha.ArgumentError, match="align_markers: required"):
+        HiddenAlignGRPOTrainer(model=None, reward_funcs=[correct])
+    with pytest.raises(ha.ArgumentError, match="align_coef"):
+        HiddenAlignGRPOTrainer(
+            model=None, reward_funcs=[correct], align_coef=-1, align_markers=markers
+        )
+    with pytest.raises(ha.ArgumentError, match="align_loss_type"):
+        HiddenAlignGRPOTrainer(
+            model=None, reward_funcs=[correct], align_markers=markers, align_loss_type="l2"
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(
+            ha.ArgumentError, match=r"'accuracy' is not one of .*\['brevity', 'correct'\]"
+        ):
+            make_trainer(
+                HiddenAlignGRPOTrainer,
+                tokenizer,
+                tmp_path,
+                align_markers=markers,
+                align_reward="accuracy",
+            )
+        with pytest.raises(ha.ArgumentError, match="align_layer: expected an index"):
+            make_trainer(
+                HiddenAlignGRPOTrainer, tokenizer, tmp_path, align_markers=markers, align_layer=2
+            )
+        with pytest.raises(ha.ArgumentError, match="align_markers: markers\\[0\\]"):
+            make_trainer(HiddenAlignGRPOTrainer, tokenizer, tmp_path, align_markers=[5, 7])
+        trainer = make_trainer(
+            HiddenAlignGRPOTrainer,
+            tokenizer,
+            tmp_path,
+            align_markers=["Answer:", [5, 7]],
+            align_layer=-1,
+        )
+    assert trainer.align_reward == "brevity"  # the first, by default
+    assert trainer.align_markers == ha.marker_token_ids(tokenizer, ["Answer:"]) + [[5, 7]]
