@@ -73,3 +73,23 @@ def accumulator(dtype: torch.dtype) -> torch.dtype:
 def detached(t: torch.Tensor | None) -> torch.Tensor | None:
     """A view without autograd history (DLPack refuses tensors that require grad)."""
     return None if t is None else t.detach()
+
+
+def check_anchor_inputs(hidden, mask, rewards, group_ids, group_size, cu_seqlens):
+    """The checks of the alignment loss's inputs that need no element read, shared by
+    ``hidden_align.loss`` and ``hidden_align.group_anchor_stats``; returns ``group_ids`` as
+    :func:`group_ids_on` makes them."""
+    require_tensor("hidden", hidden)
+    require_tensor("mask", mask)
+    require_tensor("rewards", rewards)
+    require_tensor("cu_seqlens", cu_seqlens, optional=True)
+    check_int("group_size", group_size)
+    group_ids = group_ids_on(group_ids, hidden)
+    same_device(
+        ("hidden", hidden),
+        ("mask", mask),
+        ("rewards", rewards),
+        ("group_ids", group_ids),
+        ("cu_seqlens", cu_seqlens),
+    )
+    return group_ids

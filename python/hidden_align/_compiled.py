@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import _native
+from ._align_native import align_forward
 from ._args import accumulator, detached
 from ._backend import stream_of
 from ._row_grad import _add_rows_
@@ -86,46 +87,24 @@ def _align_forward(
     ``rows``, ``groups``, ``correct`` are the anchor plan the backward needs; ``group_loss``
     to ``links`` are the ``[B]``-sized buffers the kernel backend's backward reads.
     """
-    batch = _batch(rewards)
-    acc = accumulator(hidden.dtype)
-    dev = hidden.device
-    rows = torch.empty(batch, dtype=torch.int64, device=dev)
-    groups = torch.empty(batch, dtype=torch.int64, device=dev)
-    correct = torch.empty(batch, dtype=torch.bool, device=dev)
-    value = torch.empty((), dtype=acc, device=dev)
-    mean_cosine = torch.empty((), dtype=acc, device=dev)
-    counts = torch.empty(2, dtype=torch.int64, device=dev)
     # The CPU backend writes neither the kernel scratch nor the group entries past G: zeros
     # there keep every output a function of the inputs, as the compilers (and opcheck) assume.
-    fresh = torch.empty if _on_kernels(hidden) else torch.zeros
-    group_loss = fresh(batch, dtype=acc, device=dev)
-    group_valid = fresh(batch, dtype=torch.bool, device=dev)
-    work = fresh(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
-    links = fresh(_native.ALIGN_LINK_ROWS * batch + 1, dtype=torch.int32, device=dev)
-    num_groups, on_kernels = _native.align_forward(
-        hidden.detach(),
-        mask.detach(),
-        rewards.detach(),
-        detached(group_ids),
+    out = align_forward(
+        hidden,
+        mask,
+        rewards,
+        group_ids,
         group_size,
-        detached(cu_seqlens),
+        cu_seqlens,
         loss_type,
         reduction,
         threshold,
         eps,
         tau,
-        rows,
-        groups,
-        correct,
-        group_loss,
-        group_valid,
-        value,
-        mean_cosine,
-        counts,
-        work,
-        links,
-        stream_of(hidden),
+        scratch=torch.empty if _on_kernels(hidden) else torch.zeros,
     )
+    num_groups, on_kernels = out.num_groups, out.on_kernels
+    value, group_loss, group_valid = out.value, out.group_loss, out.group_valid
     if reduction == "none":
         if on_kernels and group_ids is not None:
             # As in eager: the group count shapes the result, the kernel path's one host read.
@@ -140,15 +119,15 @@ def _align_forward(
         value,
         per_group,
         valid,
-        mean_cosine,
-        counts,
-        rows,
-        groups,
-        correct,
+        out.mean_cosine,
+        out.counts,
+        out.rows,
+        out.groups,
+        out.correct,
         group_loss,
         group_valid,
-        work,
-        links,
+        out.work,
+        out.links,
     )
 
 

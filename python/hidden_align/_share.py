@@ -17,9 +17,8 @@ from __future__ import annotations
 import torch
 from torch._C import _functions as _autograd_functions
 
-from . import _native
-from ._args import accumulator, detached
-from ._backend import stream_of
+from ._align_native import align_forward
+from ._args import accumulator
 from ._row_grad import AnchorRowGrad
 
 __all__ = ["gather_anchor_rows", "resolve_anchors", "share_loss", "unit_rows"]
@@ -42,44 +41,20 @@ def resolve_anchors(hidden, mask, rewards, group_ids, group_size, cu_seqlens, th
     extra pass over the B anchor rows, in one place so that a leaner native entry point can
     replace it.
     """
-    batch = rewards.shape[0] if rewards.dim() == 1 else 0
-    dev = hidden.device
-    rows = torch.empty(batch, dtype=torch.int64, device=dev)
-    groups = torch.empty(batch, dtype=torch.int64, device=dev)
-    correct = torch.empty(batch, dtype=torch.bool, device=dev)
-    acc = accumulator(hidden.dtype)
-    group_loss = torch.empty(batch, dtype=acc, device=dev)
-    group_valid = torch.empty(batch, dtype=torch.bool, device=dev)
-    value = torch.empty((), dtype=acc, device=dev)
-    mean_cosine = torch.empty((), dtype=acc, device=dev)
-    counts = torch.empty(2, dtype=torch.int64, device=dev)
-    work = torch.empty(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
-    links = torch.empty(_native.ALIGN_LINK_ROWS * batch + 1, dtype=torch.int32, device=dev)
-    _native.align_forward(
-        hidden.detach(),
-        mask.detach(),
-        rewards.detach(),
-        detached(group_ids),
+    out = align_forward(
+        hidden,
+        mask,
+        rewards,
+        group_ids,
         group_size,
-        detached(cu_seqlens),
+        cu_seqlens,
         "cosine",
         "sum",
         threshold,
         eps,
         0.1,
-        rows,
-        groups,
-        correct,
-        group_loss,
-        group_valid,
-        value,
-        mean_cosine,
-        counts,
-        work,
-        links,
-        stream_of(hidden),
     )
-    return rows, correct
+    return out.rows, out.correct
 
 
 def gather_anchor_rows(hidden: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype):

@@ -6,15 +6,12 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _compiled, _native
+from ._align_native import align_forward
 from ._args import (
     accumulator,
     as_float,
+    check_anchor_inputs,
     check_choice,
-    check_int,
-    detached,
-    group_ids_on,
-    require_tensor,
-    same_device,
 )
 from ._backend import stream_of
 from ._reference_loss import loss_with_reference
@@ -37,59 +34,29 @@ class _AlignLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, mask, rewards, group_ids, group_size, cu_seqlens, options):
-        loss_type, reduction, threshold, eps, tau = options
-        batch = rewards.shape[0] if rewards.dim() == 1 else 0
-        acc = accumulator(hidden.dtype)
-        dev = hidden.device
-        rows = torch.empty(batch, dtype=torch.int64, device=dev)
-        groups = torch.empty(batch, dtype=torch.int64, device=dev)
-        correct = torch.empty(batch, dtype=torch.bool, device=dev)
-        group_loss = torch.empty(batch, dtype=acc, device=dev)
-        group_valid = torch.empty(batch, dtype=torch.bool, device=dev)
-        value = torch.empty((), dtype=acc, device=dev)
-        mean_cosine = torch.empty((), dtype=acc, device=dev)
-        counts = torch.empty(2, dtype=torch.int64, device=dev)
-        # Scratch of the kernel backend, kept for its backward (unused on the CPU backend).
-        work = torch.empty(_native.ALIGN_WORK_ROWS, batch, dtype=torch.float32, device=dev)
-        links = torch.empty(_native.ALIGN_LINK_ROWS * batch + 1, dtype=torch.int32, device=dev)
-        stream = stream_of(hidden)
-        num_groups, on_kernels = _native.align_forward(
-            hidden.detach(),
-            mask.detach(),
-            rewards.detach(),
-            detached(group_ids),
-            group_size,
-            detached(cu_seqlens),
-            loss_type,
-            reduction,
-            threshold,
-            eps,
-            tau,
-            rows,
-            groups,
-            correct,
-            group_loss,
-            group_valid,
-            value,
-            mean_cosine,
-            counts,
-            work,
-            links,
-            stream,
-        )
-        if on_kernels and reduction == "none" and group_ids is not None:
+        reduction = options[1]
+        out = align_forward(hidden, mask, rewards, group_ids, group_size, cu_seqlens, *options)
+        num_groups = out.num_groups
+        if out.on_kernels and reduction == "none" and group_ids is not None:
             # The group count shapes the result: the one host read of the kernel path.
             num_groups = int(torch.unique(group_ids).numel())
-        ctx.save_for_backward(hidden, rows, groups, correct)
+        ctx.save_for_backward(hidden, out.rows, out.groups, out.correct)
         ctx.options = options
         ctx.num_groups = num_groups
-        state = (group_loss, group_valid, value, mean_cosine, counts, work, links)
-        ctx.kernel_state = state if on_kernels else None
-        if reduction == "none":
-            value = group_loss[:num_groups]
-        valid = group_valid[:num_groups]
-        ctx.mark_non_differentiable(valid, mean_cosine, counts)
-        return value, valid, mean_cosine, counts
+        state = (
+            out.group_loss,
+            out.group_valid,
+            out.value,
+            out.mean_cosine,
+            out.counts,
+            out.work,
+            out.links,
+        )
+        ctx.kernel_state = state if out.on_kernels else None
+        value = out.group_loss[:num_groups] if reduction == "none" else out.value
+        valid = out.group_valid[:num_groups]
+        ctx.mark_non_differentiable(valid, out.mean_cosine, out.counts)
+        return value, valid, out.mean_cosine, out.counts
 
     @staticmethod
     def backward(ctx, grad_value, _grad_valid, _grad_cosine, _grad_counts):
@@ -216,19 +183,7 @@ def loss(
         >>> value = loss(h, anchors, torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2)
         >>> value.backward()
     """
-    require_tensor("hidden", hidden)
-    require_tensor("mask", mask)
-    require_tensor("rewards", rewards)
-    require_tensor("cu_seqlens", cu_seqlens, optional=True)
-    check_int("group_size", group_size)
-    group_ids = group_ids_on(group_ids, hidden)
-    same_device(
-        ("hidden", hidden),
-        ("mask", mask),
-        ("rewards", rewards),
-        ("group_ids", group_ids),
-        ("cu_seqlens", cu_seqlens),
-    )
+    group_ids = check_anchor_inputs(hidden, mask, rewards, group_ids, group_size, cu_seqlens)
     check_choice("loss_type", loss_type, _LOSS_TYPES)
     check_choice("reduction", reduction, _REDUCTIONS)
     if reference is not None:

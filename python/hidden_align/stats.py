@@ -23,7 +23,7 @@ import torch
 from ._args import (
     accumulator,
     as_float,
-    check_int,
+    check_anchor_inputs,
     group_ids_on,
     require_tensor,
     same_device,
@@ -395,19 +395,7 @@ def group_anchor_stats(
     every sum NaN. The per-group sums are reductions in a fixed order (no float atomics): the
     same inputs give the same bits on every run.
     """
-    require_tensor("hidden", hidden)
-    require_tensor("mask", mask)
-    require_tensor("rewards", rewards)
-    require_tensor("cu_seqlens", cu_seqlens, optional=True)
-    check_int("group_size", group_size)
-    group_ids = group_ids_on(group_ids, hidden)
-    same_device(
-        ("hidden", hidden),
-        ("mask", mask),
-        ("rewards", rewards),
-        ("group_ids", group_ids),
-        ("cu_seqlens", cu_seqlens),
-    )
+    group_ids = check_anchor_inputs(hidden, mask, rewards, group_ids, group_size, cu_seqlens)
     threshold = as_float("threshold", threshold)
     eps = as_float("eps", eps)
     with torch.no_grad():
