@@ -34,6 +34,8 @@ mod _native {
         dynamic_sampling_mask, group_advantages, overlong_penalty, policy_loss_backward,
         policy_loss_forward,
     };
+    #[pymodule_export]
+    use crate::py::logprobs::{token_logprobs_backward, token_logprobs_forward};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

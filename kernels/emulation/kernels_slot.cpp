@@ -17,6 +17,7 @@ namespace HA_EMU_CONCAT(ha_emu_slot_, HA_EMU_SLOT) {
 #include "../dapo.cu"
 #include "../anchor_align.cu"
 #include "../anchors.cu"
+#include "../logprobs.cu"
 }  // namespace
 
 // Referenced by emulation.cpp, so that the linker keeps this copy and its registrations.

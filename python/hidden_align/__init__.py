@@ -3,6 +3,7 @@
 import hidden_align as ha
 align = ha.loss(hidden, anchors, rewards, group_ids=uid)   # autograd scalar
 pg, metrics = ha.dapo.policy_loss(log_prob, old_log_prob, advantages, response_mask)
+logp, ent = ha.token_logprobs(hidden, lm_head.weight, targets, return_entropy=True)
 """
 
 from . import dapo
@@ -19,6 +20,7 @@ from .errors import (
     KernelError,
     ShapeError,
 )
+from .logprobs import token_logprobs
 from .row_reference import RowReference
 from .stats import GroupAnchorStats, group_anchor_stats
 
@@ -43,5 +45,6 @@ __all__ = [
     "marker_token_ids",
     "prepare_cuda",
     "set_backend",
+    "token_logprobs",
     "unpadded_rows",
 ]

@@ -128,3 +128,24 @@ def find_anchors(
     stream: int | None = None,
 ) -> None: ...
 def uid_group_ids(uids: Iterable[object], out: torch.Tensor) -> None: ...
+def token_logprobs_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    out_logprob: torch.Tensor,
+    out_lse: torch.Tensor,
+    out_entropy: torch.Tensor | None = None,
+    stream: int | None = None,
+) -> None: ...
+def token_logprobs_backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    ignore_index: int,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    grad_logprob: torch.Tensor | None = None,
+    grad_entropy: torch.Tensor | None = None,
+    stream: int | None = None,
+) -> None: ...

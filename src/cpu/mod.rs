@@ -4,6 +4,7 @@ pub mod align;
 pub mod anchors;
 pub mod dapo;
 pub mod float;
+pub mod logprobs;
 pub mod rows;
 
 use rayon::prelude::*;

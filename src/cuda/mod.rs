@@ -15,6 +15,7 @@ pub mod driver;
 #[cfg(feature = "emulation")]
 mod emulated;
 pub mod kernel_names;
+pub mod logprobs;
 pub mod rows;
 pub mod target;
 
@@ -39,17 +40,20 @@ pub enum Family {
     AnchorAlign,
     /// `kernels/anchors.cu`.
     Anchors,
+    /// `kernels/logprobs.cu`.
+    Logprobs,
 }
 
 const COMMON: &str = include_str!("../../kernels/common.cuh");
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 4] = [
+    pub const ALL: [Family; 5] = [
         Family::Rows,
         Family::Dapo,
         Family::AnchorAlign,
         Family::Anchors,
+        Family::Logprobs,
     ];
 
     /// File name under `kernels/`.
@@ -59,6 +63,7 @@ impl Family {
             Family::Dapo => "dapo.cu",
             Family::AnchorAlign => "anchor_align.cu",
             Family::Anchors => "anchors.cu",
+            Family::Logprobs => "logprobs.cu",
         }
     }
 
@@ -70,6 +75,7 @@ impl Family {
             Family::Dapo => include_str!("../../kernels/dapo.cu"),
             Family::AnchorAlign => include_str!("../../kernels/anchor_align.cu"),
             Family::Anchors => include_str!("../../kernels/anchors.cu"),
+            Family::Logprobs => include_str!("../../kernels/logprobs.cu"),
         };
         source.replace("#include \"common.cuh\"", COMMON)
     }

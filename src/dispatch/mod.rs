@@ -4,6 +4,7 @@
 pub mod align;
 pub mod anchors;
 pub mod dapo;
+pub mod logprobs;
 pub mod rows;
 
 use std::sync::atomic::{AtomicU8, Ordering};

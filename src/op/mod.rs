@@ -6,6 +6,7 @@ pub mod anchor_plan;
 pub mod anchors;
 pub mod dapo;
 pub mod groups;
+pub mod logprobs;
 
 use crate::error::{Error, Result};
 use crate::tensor::{Device, TensorRef};

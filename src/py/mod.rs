@@ -6,4 +6,5 @@ pub mod anchors;
 pub mod backend;
 pub mod dapo;
 pub mod errors;
+pub mod logprobs;
 pub mod tensor;

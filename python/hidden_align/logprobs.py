@@ -1,0 +1,234 @@
+"""Token log-probs and entropies straight from the last hidden state: ``token_logprobs``.
+
+``logits = hidden @ weight.T`` over a large vocabulary is the largest tensor of an RL step's
+loss side (8192 tokens x 151936 x 4 bytes = 5 GB). Here tokens go in chunks: each chunk's
+logits come from one matmul through torch into a buffer reused across chunks, and one pass of
+our own kernel (Rust on the CPU, ``kernels/logprobs.cu`` on CUDA) reads it for the running max,
+log-sum-exp, target logit and entropy. The backward recomputes each chunk's logits, turns them
+in place into their gradient and hands them to two matmuls. Nothing of size ``[N, V]`` is ever
+allocated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _native
+from ._args import accumulator, as_float, check_int, require_tensor, same_device
+from ._backend import stream_of
+from .errors import ArgumentError, DtypeError, ShapeError
+
+__all__ = ["token_logprobs"]
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Bytes of logits per chunk by default: small on the CPU (the matmul is as fast on a few hundred
+# rows as on thousands, and the buffer stays in the last-level cache's neighbourhood), larger on
+# a GPU, whose matmuls need more rows to fill the device.
+_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+
+
+def default_chunk_size(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk when ``chunk_size`` is not given: the rows of logits that fit the
+    device's chunk budget (32 MiB on the CPU, 512 MiB on CUDA), at least 1."""
+    budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cuda"])
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return max(1, budget // max(1, vocab * itemsize))
+
+
+def _chunk_logits(out, h, weight, bias):
+    """``out = h @ weight.T (+ bias)``, written into the reused buffer ``out``."""
+    if bias is None:
+        torch.mm(h, weight.t(), out=out)
+    else:
+        torch.addmm(bias, h, weight.t(), out=out)
+    return out
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk, ignore):
+        n, vocab = hidden.shape[0], weight.shape[0]
+        acc = accumulator(hidden.dtype)
+        logprob = torch.empty(n, dtype=acc, device=hidden.device)
+        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        entropy = torch.empty(n, dtype=acc, device=hidden.device) if want_entropy else None
+        stream = stream_of(hidden)
+        h, w = hidden.detach(), weight.detach()
+        b = None if bias is None else bias.detach()
+        buffer = torch.empty(min(chunk, n), vocab, dtype=hidden.dtype, device=hidden.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(buffer[: e - s], h[s:e], w, b)
+            _native.token_logprobs_forward(
+                z,
+                targets[s:e],
+                temperature,
+                ignore,
+                logprob[s:e],
+                lse[s:e],
+                None if entropy is None else entropy[s:e],
+                stream,
+            )
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.options = (temperature, chunk, ignore)
+        ctx.set_materialize_grads(False)
+        return (logprob, entropy) if want_entropy else logprob
+
+    @staticmethod
+    def backward(ctx, grad_logprob, grad_entropy=None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, chunk, ignore = ctx.options
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logprob is None and grad_entropy is None:
+            return (None,) * 8
+        n, vocab = hidden.shape[0], weight.shape[0]
+        h, w = hidden.detach(), weight.detach()
+        b = None if bias is None else bias.detach()
+        acc = accumulator(weight.dtype)
+        grad_h = torch.empty_like(h) if need_h else None
+        # Weight and bias gradients accumulate over chunks in float32 (float64 for float64);
+        # for half-precision weights each chunk's product is rounded once, then summed in f32.
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=w.device) if need_w else None
+        partial = torch.empty_like(w) if need_w and w.dtype != acc else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
+        stream = stream_of(hidden)
+        buffer = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            z = _chunk_logits(buffer[: e - s], h[s:e], w, b)
+            _native.token_logprobs_backward(
+                z,
+                targets[s:e],
+                temperature,
+                ignore,
+                lse[s:e],
+                None if entropy is None else entropy[s:e],
+                None if grad_logprob is None else grad_logprob[s:e].detach(),
+                None if grad_entropy is None else grad_entropy[s:e].detach(),
+                stream,
+            )
+            if need_h:
+                torch.mm(z, w, out=grad_h[s:e])
+            if need_w:
+                if partial is None:
+                    grad_w.addmm_(z.t(), h[s:e])
+                else:
+                    grad_w.add_(torch.mm(z.t(), h[s:e], out=partial))
+            if need_b:
+                grad_b.add_(z.sum(dim=0, dtype=acc))
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _check(hidden, weight, targets, bias, temperature, chunk_size, ignore_index):
+    require_tensor("hidden", hidden)
+    require_tensor("weight", weight)
+    require_tensor("targets", targets)
+    require_tensor("bias", bias, optional=True)
+    if hidden.dtype not in _FLOATS:
+        raise DtypeError(
+            f"hidden: expected dtype float32, bfloat16, float16 or float64, got {hidden.dtype}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise DtypeError(
+            f"weight: expected the dtype of hidden ({hidden.dtype}), got {weight.dtype}"
+        )
+    if bias is not None and bias.dtype != hidden.dtype:
+        raise DtypeError(f"bias: expected the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
+    if targets.dtype != torch.int64:
+        raise DtypeError(f"targets: expected dtype int64, got {targets.dtype}")
+    if hidden.dim() not in (2, 3):
+        raise ShapeError(f"hidden: expected shape [N, H] or [B, T, H], got {list(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.shape[0] == 0:
+        raise ShapeError(
+            f"weight: expected shape [V, H] with V >= 1 and H = {hidden.shape[-1]} (the last "
+            f"dimension of hidden), got {list(weight.shape)}"
+        )
+    if targets.shape != hidden.shape[:-1]:
+        raise ShapeError(
+            f"targets: expected shape {list(hidden.shape[:-1])} (hidden without its last "
+            f"dimension), got {list(targets.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ShapeError(f"bias: expected shape [{weight.shape[0]}], got {list(bias.shape)}")
+    same_device(("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias))
+    temperature = as_float("temperature", temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ArgumentError(f"temperature: expected a finite number > 0, got {temperature}")
+    check_int("chunk_size", chunk_size)
+    if chunk_size is not None and chunk_size < 1:
+        raise ArgumentError(f"chunk_size: expected an int >= 1, got {chunk_size}")
+    check_int("ignore_index", ignore_index, optional=False)
+    return temperature
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    ignore_index: int = -100,
+):
+    """Log-probabilities of ``targets`` (and the entropy per token) under
+    ``softmax((hidden @ weight.T + bias) / temperature)``, without materialising the logits.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]``: the last hidden state (float32, bfloat16, float16
+            or float64), any strides.
+        weight: ``[V, H]``, the LM head (tied embeddings work), the dtype of ``hidden``.
+        targets: int64, the shape of ``hidden`` without its last dimension (``[N]``, ``[B, T]``):
+            the token whose log-prob is wanted at each position, e.g. the input ids shifted by
+            one. ``ignore_index`` gives log-prob 0, entropy 0 and no gradient. Any other value
+            outside ``[0, V)`` raises :class:`ArgumentError` on the CPU; on CUDA it makes that
+            token's results NaN (no host synchronisation, like the other data-dependent checks).
+        bias: optional ``[V]`` bias of the LM head.
+        temperature: the logits are divided by it (verl's rollout temperature), finite > 0.
+        return_entropy: also return the entropy of each token's distribution.
+        chunk_size: tokens per chunk (default: as many as fit 32 MiB of logits on the CPU,
+            512 MiB on CUDA). Peak extra memory is one chunk of logits plus the outputs.
+        ignore_index: the target value of positions to skip (padding), default -100.
+
+    Returns:
+        log-probs shaped like ``targets``, float32 (float64 for float64 ``hidden``); with
+        ``return_entropy=True`` a tuple ``(log-probs, entropy)``. Both are differentiable
+        w.r.t. ``hidden``, ``weight`` and ``bias``: the backward recomputes each chunk's logits.
+
+    Each chunk's logits come from one matmul in the dtype of ``hidden`` (cuBLAS or the CPU
+    BLAS: for bfloat16 they are rounded to bfloat16, as in an eager ``hidden @ weight.T``); our
+    pass reads them and accumulates in float32. NaN or inf in a token's logits makes that
+    token's results NaN; ``-inf`` entries (a masked vocabulary through ``bias``) have
+    probability 0. The weight gradient accumulates over chunks in float32.
+
+    Example:
+        >>> hidden = torch.randn(2, 5, 16, requires_grad=True)
+        >>> lm_head = torch.randn(100, 16, requires_grad=True)
+        >>> ids = torch.randint(0, 100, (2, 5))
+        >>> logp, ent = token_logprobs(hidden, lm_head, ids, return_entropy=True)
+        >>> (logp.sum() + 0.01 * ent.sum()).backward()
+        >>> logp.shape, ent.shape
+        (torch.Size([2, 5]), torch.Size([2, 5]))
+    """
+    temperature = _check(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
+    shape = targets.shape
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
+    if h.shape[0] == 0:
+        acc = accumulator(hidden.dtype)
+        empty = (hidden.sum() + weight.sum()).to(acc) * torch.zeros(
+            shape, dtype=acc, device=hidden.device
+        )
+        return (empty, empty.clone()) if return_entropy else empty
+    out = _TokenLogprobs.apply(
+        h, weight, bias, t, temperature, bool(return_entropy), chunk, int(ignore_index)
+    )
+    if return_entropy:
+        return out[0].view(shape), out[1].view(shape)
+    return out.view(shape)

@@ -1,0 +1,88 @@
+//! Token log-probs and entropies of a chunk of logits, dispatched to a backend.
+
+use super::{Backend, select};
+use crate::cpu;
+use crate::cpu::float::Elem;
+use crate::cpu::logprobs::{RowGrad, Rows};
+use crate::cuda;
+use crate::error::Result;
+use crate::op::logprobs::{LogprobBackward, LogprobForward, LogprobOutputs, check_targets};
+use crate::tensor::TensorRef;
+
+fn rows_of(logits: &TensorRef, v: usize) -> Rows {
+    Rows {
+        base: logits.data_ptr() as usize,
+        row_stride: logits.strides()[0],
+        cols: v,
+    }
+}
+
+/// Fills the outputs of one chunk. On the CPU a target outside `0..V` that is not the ignore
+/// index is an error; on the kernel backend it makes its row NaN.
+pub fn forward(
+    inp: &LogprobForward,
+    out: &mut LogprobOutputs,
+    stream: Option<usize>,
+) -> Result<()> {
+    let backend = select(&inp.logits, &inp.others(out), stream)?;
+    let shape = inp.check(out)?;
+    if let Backend::Kernels(exec) = backend {
+        return cuda::logprobs::forward(&exec, inp, out, shape);
+    }
+    let (n, v) = shape;
+    check_targets(&inp.targets, v, inp.options.ignore_index)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let targets = inp.targets.to_i64_vec()?;
+    let rows = rows_of(&inp.logits, v);
+    crate::dispatch_float!(inp.logits.dtype(), E => {
+        type A = <E as Elem>::Acc;
+        // SAFETY: the outputs are fresh tensors owned by this call, distinct from each other.
+        let logprob = unsafe { out.logprob.as_mut_slice::<A>()? };
+        let lse = unsafe { out.lse.as_mut_slice::<A>()? };
+        let entropy = match out.entropy.as_mut() {
+            Some(e) => Some(unsafe { e.as_mut_slice::<A>()? }),
+            None => None,
+        };
+        // SAFETY: rows describe the checked [n, V] logits of element type E.
+        unsafe { cpu::logprobs::forward::<E>(rows, &targets, inp.options, logprob, lse, entropy) };
+        Ok(())
+    })
+}
+
+/// Turns the chunk of logits into its gradient, in place.
+pub fn backward(inp: &LogprobBackward, stream: Option<usize>) -> Result<()> {
+    let backend = select(&inp.logits, &inp.others(), stream)?;
+    let shape = inp.check()?;
+    if let Backend::Kernels(exec) = backend {
+        return cuda::logprobs::backward(&exec, inp, shape);
+    }
+    let (n, v) = shape;
+    check_targets(&inp.targets, v, inp.options.ignore_index)?;
+    if n == 0 {
+        return Ok(());
+    }
+    let targets = inp.targets.to_i64_vec()?;
+    let read = |t: &Option<TensorRef>| -> Result<Vec<f64>> {
+        t.as_ref().map_or(Ok(vec![0.0; n]), |t| t.to_f64_vec())
+    };
+    let (g_lp, g_ent) = (read(&inp.grad_logprob)?, read(&inp.grad_entropy)?);
+    let lse = inp.lse.to_f64_vec()?;
+    let entropy = read(&inp.entropy)?;
+    let rows = rows_of(&inp.logits, v);
+    crate::dispatch_float!(inp.logits.dtype(), E => {
+        use crate::cpu::float::Acc;
+        type A = <E as Elem>::Acc;
+        let grads = |r: usize| RowGrad {
+            grad_logprob: A::of(g_lp[r]),
+            grad_entropy: A::of(g_ent[r]),
+            lse: A::of(lse[r]),
+            entropy: A::of(entropy[r]),
+        };
+        // SAFETY: the logits are the caller's scratch chunk, rows of V contiguous columns
+        // that do not overlap (checked: stride 1 along V; row stride from a [n, V] tensor).
+        unsafe { cpu::logprobs::backward::<E>(rows, &targets, inp.options, grads) };
+        Ok(())
+    })
+}
