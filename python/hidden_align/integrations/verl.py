@@ -41,6 +41,8 @@ HIDDEN_ALIGN_OFFSET            anchor = marker start + offset                   
 HIDDEN_ALIGN_OCCURRENCE        last or first marker match in the response              last
 HIDDEN_ALIGN_CORRECT           batch key of per-rollout correctness (the DAPO reward   acc
                                manager's ``acc``); ``rm_scores`` summed when absent
+HIDDEN_ALIGN_FUSED_LOGPROBS    1: verl's fused log-prob path (``use_fused_kernels``,   0
+                               torch backend) runs :func:`hidden_align.token_logprobs`
 HIDDEN_ALIGN_ALLOW_UNTESTED_VERL  1: apply the engine wrap on another verl version     unset
 =============================  =====================================================  ==========
 
@@ -164,6 +166,10 @@ def install() -> None:
         warnings.warn(
             f"hidden_align: patching the FSDP engine of untested verl {version}", stacklevel=2
         )
+    if settings.fused_logprobs:
+        from . import verl_logprobs
+
+        verl_logprobs.patch()
     from . import verl_engine  # imports verl's engine: only where it is patched
 
     verl_engine.patch()

@@ -69,6 +69,15 @@ def _choice(environ: Mapping, name: str, default: str, choices: tuple) -> str:
     return value
 
 
+def _flag(environ: Mapping, name: str) -> bool:
+    text = environ.get(name, "").strip().lower()
+    if text in ("", "0", "false", "no", "off"):
+        return False
+    if text in ("1", "true", "yes", "on"):
+        return True
+    raise ValueError(f"{name}: expected 1 or 0, got {environ[name]!r}")
+
+
 @dataclass(frozen=True)
 class Settings:
     """What the engine patch does; :meth:`from_env` reads it.
@@ -88,6 +97,9 @@ class Settings:
         occurrence: ``last`` or ``first`` match of a marker in the response.
         correct_key: batch key with one correctness value per rollout (non-tensor list or
             tensor; a ``[B, T]`` tensor is summed over T); verl's ``rm_scores`` when absent.
+        fused_logprobs: route verl's fused log-prob path (``use_fused_kernels=True``, torch
+            backend) through :func:`hidden_align.token_logprobs`
+            (:mod:`hidden_align.integrations.verl_logprobs`).
     """
 
     coef: float = 0.1
@@ -98,6 +110,7 @@ class Settings:
     offset: int = -1
     occurrence: str = "last"
     correct_key: str = "acc"
+    fused_logprobs: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping | None = None) -> Settings:
@@ -121,6 +134,7 @@ class Settings:
             offset=_number(env, "HIDDEN_ALIGN_OFFSET", cls.offset, int),
             occurrence=_choice(env, "HIDDEN_ALIGN_OCCURRENCE", cls.occurrence, _OCCURRENCES),
             correct_key=env.get("HIDDEN_ALIGN_CORRECT", "").strip() or cls.correct_key,
+            fused_logprobs=_flag(env, "HIDDEN_ALIGN_FUSED_LOGPROBS"),
         )
 
     @property
