@@ -265,6 +265,8 @@ HA_DEVICE void group_forward(const AlignParams& p, int64_t b, float* fred) {
         }
         const float s2 = block_sum(sq, fred);
         cosine = (s2 - self_sum) / (nf * (nf - 1.0f));
+        // Held to [-1, 1] (rounding can pass 1 for identical anchors); NaN stays NaN.
+        cosine = cosine > 1.0f ? 1.0f : (cosine < -1.0f ? -1.0f : cosine);
         if (p.loss_type == LOSS_MSE) dev = block_sum(dev, fred);
         if (valid) {
             if (p.loss_type == LOSS_COSINE) {

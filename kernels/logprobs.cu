@@ -18,7 +18,8 @@ struct LogprobParams {
     float inv_temperature;
     float* logprob;          // forward: [n] out
     float* entropy;          // forward: [n] out (null: skipped); backward: [n] in
-    float* lse;              // forward: [n] out; backward: [n] in
+    float* stats;            // [n, 2]: per row its max and log sum e^{x - max} (forward out,
+                             // backward in; kept apart: x - (max + log-sum) loses digits)
     const float* grad_logprob;  // backward: [n] (null: zero)
     int64_t grad_logprob_stride;
     const float* grad_entropy;  // backward: [n] (null: zero)
@@ -80,7 +81,8 @@ HA_DEVICE void logprob_forward(const LogprobParams& p) {
     if (target == p.ignore_index) {
         if (threadIdx.x == 0) {
             p.logprob[r] = 0.0f;
-            p.lse[r] = 0.0f;
+            p.stats[2 * r] = 0.0f;
+            p.stats[2 * r + 1] = 0.0f;
             if (p.entropy != nullptr) p.entropy[r] = 0.0f;
         }
         return;
@@ -97,10 +99,11 @@ HA_DEVICE void logprob_forward(const LogprobParams& p) {
     const bool valid = target >= 0 && target < p.cols;
     const float log_s = logf(s);
     const float xt = valid ? to_float(row[target]) * p.inv_temperature : f32_nan();
-    // Out-of-range targets make the row NaN (and its gradient, through lse).
+    // An out-of-range target makes the row's results NaN (and its gradient, through stats).
     p.logprob[r] = (xt - m) - log_s;
-    p.lse[r] = valid ? m + log_s : f32_nan();
-    if (p.entropy != nullptr) p.entropy[r] = log_s - t / s;
+    p.stats[2 * r] = m;
+    p.stats[2 * r + 1] = valid ? log_s : f32_nan();
+    if (p.entropy != nullptr) p.entropy[r] = valid ? log_s - t / s : f32_nan();
 }
 HA_KERNEL_FLOATS(logprob_forward, LogprobParams)
 
@@ -117,13 +120,15 @@ HA_DEVICE void logprob_backward(const LogprobParams& p) {
     const float g_ent = p.grad_entropy != nullptr ? p.grad_entropy[r * p.grad_entropy_stride] : 0.0f;
     const float a = g_lp * p.inv_temperature;
     const float b = g_ent * p.inv_temperature;
-    const float lse = p.lse[r];
-    const float shift = (p.entropy != nullptr ? p.entropy[r] : 0.0f) - lse;
+    const float m = p.stats[2 * r];
+    const float log_s = p.stats[2 * r + 1];
+    // log p + H = (x - max) - log_s + H.
+    const float shift = (p.entropy != nullptr ? p.entropy[r] : 0.0f) - log_s;
     for (int64_t c = threadIdx.x; c < p.cols; c += HA_BLOCK) {
-        const float x = to_float(row[c]) * p.inv_temperature;
-        const float q = expf(x - lse);
-        // q = 0 where x = -inf, whose (x + shift) would make the product NaN.
-        const float ent = q > 0.0f ? b * q * (x + shift) : 0.0f;
+        const float d = to_float(row[c]) * p.inv_temperature - m;
+        const float q = expf(d - log_s);
+        // q = 0 where x = -inf, whose (d + shift) would make the product NaN.
+        const float ent = q > 0.0f ? b * q * (d + shift) : 0.0f;
         const float hit = c == target ? a : 0.0f;
         row[c] = from_float<T>((hit - a * q) - ent);
     }

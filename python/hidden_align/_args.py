@@ -16,7 +16,8 @@ def require_tensor(name: str, value, optional: bool = False) -> None:
 
 
 def same_device(first: tuple, *others: tuple) -> None:
-    """Each ``(name, tensor)`` in ``others`` (None allowed) is on the device of ``first``."""
+    """Each ``(name, tensor)`` in ``others`` (None allowed) is on the device of ``first``, which
+    is not the meta device."""
     name0, t0 = first
     for name, t in others:
         if t is not None and t.device != t0.device:
@@ -24,6 +25,9 @@ def same_device(first: tuple, *others: tuple) -> None:
                 f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
                 f"got one on {t.device}"
             )
+    if t0.device.type == "meta":
+        # A meta tensor has no data to read: say so, rather than let the DLPack export fail.
+        raise DeviceError(f"{name0}: expected a tensor on cpu or cuda, got one on meta")
 
 
 def moves_to(source: torch.device, target: torch.device) -> bool:
@@ -51,6 +55,9 @@ def check_int(name: str, value, optional: bool = True) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise ArgumentError(f"{name}: expected an int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        # The native side takes int64: a larger int would be an OverflowError there.
+        raise ArgumentError(f"{name}: expected an int that fits int64, got {value}")
 
 
 def as_float(name: str, value) -> float:

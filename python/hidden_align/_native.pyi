@@ -134,7 +134,7 @@ def token_logprobs_forward(
     temperature: float,
     ignore_index: int,
     out_logprob: torch.Tensor,
-    out_lse: torch.Tensor,
+    out_stats: torch.Tensor,
     out_entropy: torch.Tensor | None = None,
     stream: int | None = None,
 ) -> None: ...
@@ -143,7 +143,7 @@ def token_logprobs_backward(
     targets: torch.Tensor,
     temperature: float,
     ignore_index: int,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor | None = None,
     grad_logprob: torch.Tensor | None = None,
     grad_entropy: torch.Tensor | None = None,

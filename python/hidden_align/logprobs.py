@@ -14,11 +14,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch._C import _functions as _autograd_functions
 
 from . import _native
 from ._args import accumulator, as_float, check_int, require_tensor, same_device
-from ._backend import stream_of
-from .errors import ArgumentError, DtypeError, ShapeError
+from ._backend import get_backend, stream_of
+from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
 
 __all__ = ["token_logprobs"]
 
@@ -27,6 +28,11 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # rows as on thousands, and the buffer stays in the last-level cache's neighbourhood), larger on
 # a GPU, whose matmuls need more rows to fill the device.
 _CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
+_MIN_TEMPERATURE = 1e-30
+_NO_DOUBLE_BACKWARD = (
+    b"hidden_align.token_logprobs supports first-order gradients only: its gradients cannot "
+    b"be differentiated again (double backward through create_graph=True)"
+)
 
 
 def default_chunk_size(vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -52,7 +58,8 @@ class _TokenLogprobs(torch.autograd.Function):
         n, vocab = hidden.shape[0], weight.shape[0]
         acc = accumulator(hidden.dtype)
         logprob = torch.empty(n, dtype=acc, device=hidden.device)
-        lse = torch.empty(n, dtype=acc, device=hidden.device)
+        # Per token the max and the log-sum of its logits, for the backward pass.
+        stats = torch.empty(n, 2, dtype=acc, device=hidden.device)
         entropy = torch.empty(n, dtype=acc, device=hidden.device) if want_entropy else None
         stream = stream_of(hidden)
         h, w = hidden.detach(), weight.detach()
@@ -67,22 +74,47 @@ class _TokenLogprobs(torch.autograd.Function):
                 temperature,
                 ignore,
                 logprob[s:e],
-                lse[s:e],
+                stats[s:e],
                 None if entropy is None else entropy[s:e],
                 stream,
             )
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
         ctx.options = (temperature, chunk, ignore)
         ctx.set_materialize_grads(False)
         return (logprob, entropy) if want_entropy else logprob
 
     @staticmethod
     def backward(ctx, grad_logprob, grad_entropy=None):
-        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        with torch.no_grad():
+            grads = _TokenLogprobs._gradients(ctx, grad_logprob, grad_entropy)
+        if torch.is_grad_enabled():
+            # create_graph=True: first-order values stay exact, but differentiating them again
+            # must fail loudly rather than silently treat these gradients as constants. Each
+            # gradient is linked (by an exact + 0 through `where`, whatever the values) to the
+            # inputs, so that the error node lies on every path a second derivative takes.
+            hidden, weight, bias = ctx.saved_tensors[:3]
+            false = torch.zeros((), dtype=torch.bool, device=weight.device)
+            link = sum(
+                torch.where(false, x.reshape(-1)[0], 0.0)
+                for x in (hidden, weight, bias)
+                if x is not None and x.requires_grad
+            )
+            grads = tuple(
+                None
+                if g is None
+                else _autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g + link)
+                for g in grads
+            )
+        return (*grads, None, None, None, None, None)
+
+    @staticmethod
+    def _gradients(ctx, grad_logprob, grad_entropy):
+        """The gradients w.r.t. hidden, weight and bias, chunk by chunk."""
+        hidden, weight, bias, targets, stats, entropy = ctx.saved_tensors
         temperature, chunk, ignore = ctx.options
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logprob is None and grad_entropy is None:
-            return (None,) * 8
+            return None, None, None
         n, vocab = hidden.shape[0], weight.shape[0]
         h, w = hidden.detach(), weight.detach()
         b = None if bias is None else bias.detach()
@@ -103,7 +135,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 targets[s:e],
                 temperature,
                 ignore,
-                lse[s:e],
+                stats[s:e],
                 None if entropy is None else entropy[s:e],
                 None if grad_logprob is None else grad_logprob[s:e].detach(),
                 None if grad_entropy is None else grad_entropy[s:e].detach(),
@@ -120,7 +152,7 @@ class _TokenLogprobs(torch.autograd.Function):
                 grad_b.add_(z.sum(dim=0, dtype=acc))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b
 
 
 def _check(hidden, weight, targets, bias, temperature, chunk_size, ignore_index):
@@ -154,10 +186,20 @@ def _check(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ShapeError(f"bias: expected shape [{weight.shape[0]}], got {list(bias.shape)}")
+    if hidden.device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"hidden: expected a tensor on cpu or cuda, got one on {hidden.device}")
     same_device(("hidden", hidden), ("weight", weight), ("targets", targets), ("bias", bias))
+    if hidden.dtype == torch.float64 and (hidden.is_cuda or get_backend() == "cuda-emulated"):
+        raise DtypeError(
+            "hidden: expected float32, bfloat16 or float16 on the CUDA kernels (float64 runs on "
+            "the CPU backend only), got torch.float64"
+        )
     temperature = as_float("temperature", temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ArgumentError(f"temperature: expected a finite number > 0, got {temperature}")
+    # Its inverse scales the logits in float32: it must be a float32 number.
+    if not (math.isfinite(temperature) and temperature >= _MIN_TEMPERATURE):
+        raise ArgumentError(
+            f"temperature: expected a finite number >= {_MIN_TEMPERATURE:g}, got {temperature}"
+        )
     check_int("chunk_size", chunk_size)
     if chunk_size is not None and chunk_size < 1:
         raise ArgumentError(f"chunk_size: expected an int >= 1, got {chunk_size}")
@@ -189,7 +231,8 @@ def token_logprobs(
             outside ``[0, V)`` raises :class:`ArgumentError` on the CPU; on CUDA it makes that
             token's results NaN (no host synchronisation, like the other data-dependent checks).
         bias: optional ``[V]`` bias of the LM head.
-        temperature: the logits are divided by it (verl's rollout temperature), finite > 0.
+        temperature: the logits are divided by it (verl's rollout temperature), finite,
+            at least 1e-30 (its inverse scales the logits in float32).
         return_entropy: also return the entropy of each token's distribution.
         chunk_size: tokens per chunk (default: as many as fit 32 MiB of logits on the CPU,
             512 MiB on CUDA). Peak extra memory is one chunk of logits plus the outputs.
@@ -199,6 +242,9 @@ def token_logprobs(
         log-probs shaped like ``targets``, float32 (float64 for float64 ``hidden``); with
         ``return_entropy=True`` a tuple ``(log-probs, entropy)``. Both are differentiable
         w.r.t. ``hidden``, ``weight`` and ``bias``: the backward recomputes each chunk's logits.
+
+    float64 runs on the CPU backend only (``DtypeError`` on the CUDA kernels). The gradient is
+    first-order only: differentiating it again raises.
 
     Each chunk's logits come from one matmul in the dtype of ``hidden`` (cuBLAS or the CPU
     BLAS: for bfloat16 they are rounded to bfloat16, as in an eager ``hidden @ weight.T``); our
@@ -221,10 +267,10 @@ def token_logprobs(
     t = targets.reshape(-1)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.dtype, hidden.device)
     if h.shape[0] == 0:
+        # No token: an empty result, still attached to the graph of every input.
         acc = accumulator(hidden.dtype)
-        empty = (hidden.sum() + weight.sum()).to(acc) * torch.zeros(
-            shape, dtype=acc, device=hidden.device
-        )
+        attached = hidden.sum() + weight.sum() + (0 if bias is None else bias.sum())
+        empty = attached.to(acc) * torch.zeros(shape, dtype=acc, device=hidden.device)
         return (empty, empty.clone()) if return_entropy else empty
     out = _TokenLogprobs.apply(
         h, weight, bias, t, temperature, bool(return_entropy), chunk, int(ignore_index)

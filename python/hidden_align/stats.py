@@ -163,11 +163,12 @@ class GroupAnchorStats:
 
     @property
     def pair_cosine(self) -> torch.Tensor:
-        """``[G]`` mean pairwise cosine ``(||S||^2 - Q) / (n (n - 1))`` (NaN or inf for
-        groups that are not valid)."""
+        """``[G]`` mean pairwise cosine ``(||S||^2 - Q) / (n (n - 1))``, held to [-1, 1] as the
+        kernels hold it (rounding can pass 1 for identical anchors); NaN or +-1 for groups that
+        are not valid."""
         n = self.count.to(self.dtype)
         sq = (self.unit_sum * self.unit_sum).sum(-1)
-        return (sq - self.sq_norm_sum) / (n * (n - 1))
+        return ((sq - self.sq_norm_sum) / (n * (n - 1))).clamp(-1.0, 1.0)
 
     @property
     def mean_cosine(self) -> torch.Tensor:

@@ -168,7 +168,9 @@ fn is_valid(cfg: &AlignConfig, n: usize, negatives: usize) -> bool {
     }
 }
 
-/// Mean pairwise cosine `(||S||^2 - sum ||u_i||^2) / (n (n - 1))` of a group's correct anchors.
+/// Mean pairwise cosine `(||S||^2 - sum ||u_i||^2) / (n (n - 1))` of a group's correct anchors,
+/// held to [-1, 1]: for (nearly) identical anchors rounding can push the difference of sums a few
+/// ulps past 1, which would make the cosine loss slightly negative. NaN stays NaN.
 fn pair_cosine<A: Pooled>(a: &Anchored<A>, members: &[usize]) -> A {
     let n = A::of(members.len() as f64);
     let s = sum_rows(&a.u, members);
@@ -176,7 +178,14 @@ fn pair_cosine<A: Pooled>(a: &Anchored<A>, members: &[usize]) -> A {
         .iter()
         .map(|&i| dot(row(&a.u, i), row(&a.u, i)))
         .sum();
-    (dot(&s, &s) - self_sq) / (n * (n - A::one()))
+    let c = (dot(&s, &s) - self_sq) / (n * (n - A::one()));
+    if c > A::one() {
+        A::one()
+    } else if c < -A::one() {
+        -A::one()
+    } else {
+        c
+    }
 }
 
 /// Per-group loss of a valid group.

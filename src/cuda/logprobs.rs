@@ -19,7 +19,7 @@ struct LogprobParams {
     inv_temperature: f32,
     logprob: u64,
     entropy: u64,
-    lse: u64,
+    stats: u64,
     grad_logprob: u64,
     grad_logprob_stride: i64,
     grad_entropy: u64,
@@ -38,7 +38,7 @@ fn base(logits: &TensorRef, targets: &TensorRef, (n, v): (usize, usize)) -> Logp
         inv_temperature: 0.0,
         logprob: 0,
         entropy: 0,
-        lse: 0,
+        stats: 0,
         grad_logprob: 0,
         grad_logprob_stride: 0,
         grad_entropy: 0,
@@ -63,7 +63,7 @@ pub fn forward(
     p.ignore_index = inp.options.ignore_index;
     p.inv_temperature = (1.0 / inp.options.temperature) as f32;
     p.logprob = ptr(&out.logprob);
-    p.lse = ptr(&out.lse);
+    p.stats = ptr(&out.stats);
     p.entropy = opt_ptr(out.entropy.as_ref()).0;
     let kernel = format!("logprob_forward_{}", suffix(inp.logits.dtype()));
     exec.launch(Family::Logprobs, &kernel, Grid::blocks(shape.0)?, &p)
@@ -75,7 +75,7 @@ pub fn backward(exec: &Executor, inp: &LogprobBackward, shape: (usize, usize)) -
     let mut p = base(&inp.logits, &inp.targets, shape);
     p.ignore_index = inp.options.ignore_index;
     p.inv_temperature = (1.0 / inp.options.temperature) as f32;
-    p.lse = ptr(&inp.lse);
+    p.stats = ptr(&inp.stats);
     p.entropy = opt_ptr(inp.entropy.as_ref()).0;
     (p.grad_logprob, p.grad_logprob_stride) = opt_ptr(inp.grad_logprob.as_ref());
     (p.grad_entropy, p.grad_entropy_stride) = opt_ptr(inp.grad_entropy.as_ref());

@@ -417,3 +417,69 @@ fn find_anchors_matches_the_cpu_backend_across_tiles() {
         }
     }
 }
+
+#[test]
+fn token_logprobs_match_the_cpu_backend() {
+    use crate::dispatch::logprobs;
+    use crate::op::logprobs::{LogprobBackward, LogprobForward, LogprobOptions, LogprobOutputs};
+    // V longer than one block of columns and not a multiple of it; an ignored row, a row whose
+    // target is V - 1, -inf entries.
+    let (n, v) = (5usize, 700usize);
+    let mut logits: Vec<f32> = noise(n * v, 11).iter().map(|x| x * 8.0).collect();
+    logits[2 * v + 3] = f32::NEG_INFINITY;
+    let mut targets: Vec<i64> = vec![3, -100, 0, v as i64 - 1, 42];
+    let mut g_lp: Vec<f32> = noise(n, 12);
+    let mut g_ent: Vec<f32> = noise(n, 13);
+    let options = LogprobOptions::new(0.7, -100).unwrap();
+    let fresh = || [vec![0f32; n], vec![0f32; 2 * n], vec![0f32; n]];
+    let mut outs = [fresh(), fresh()];
+    let mut grads = [logits.clone(), logits.clone()];
+    for (k, exec) in [None, Some(EMU)].into_iter().enumerate() {
+        let [lp, stats, ent] = &mut outs[k];
+        let inputs = LogprobForward {
+            logits: TensorRef::from_slice("logits", &mut logits, &[n, v]),
+            targets: TensorRef::from_slice("targets", &mut targets, &[n]),
+            options,
+        };
+        let mut out = LogprobOutputs {
+            logprob: TensorRef::from_slice("out_logprob", lp, &[n]),
+            entropy: Some(TensorRef::from_slice("out_entropy", ent, &[n])),
+            stats: TensorRef::from_slice("out_stats", stats, &[n, 2]),
+        };
+        match exec {
+            None => logprobs::forward(&inputs, &mut out, None).unwrap(),
+            Some(e) => {
+                let shape = inputs.check(&out).unwrap();
+                super::logprobs::forward(&e, &inputs, &out, shape).unwrap()
+            }
+        }
+        drop(out);
+        let backward = LogprobBackward {
+            logits: TensorRef::from_slice("logits", &mut grads[k], &[n, v]),
+            targets: TensorRef::from_slice("targets", &mut targets, &[n]),
+            options,
+            stats: TensorRef::from_slice("stats", stats, &[n, 2]),
+            entropy: Some(TensorRef::from_slice("entropy", ent, &[n])),
+            grad_logprob: Some(TensorRef::from_slice("grad_logprob", &mut g_lp, &[n])),
+            grad_entropy: Some(TensorRef::from_slice("grad_entropy", &mut g_ent, &[n])),
+        };
+        match exec {
+            None => logprobs::backward(&backward, None).unwrap(),
+            Some(e) => {
+                let shape = backward.check().unwrap();
+                super::logprobs::backward(&e, &backward, shape).unwrap()
+            }
+        }
+    }
+    for (j, (cpu, emulated)) in outs[0].iter().zip(&outs[1]).enumerate() {
+        for (i, (a, b)) in cpu.iter().zip(emulated).enumerate() {
+            let close = (a - b).abs() <= 2e-5 * (1.0 + a.abs());
+            assert!(close, "output {j} item {i}: {a} vs {b}");
+        }
+    }
+    assert_eq!(outs[1][0][1], 0.0);
+    for (i, (a, b)) in grads[0].iter().zip(&grads[1]).enumerate() {
+        assert!((a - b).abs() <= 1e-6, "gradient {i}: {a} vs {b}");
+    }
+    assert!(grads[1][v..2 * v].iter().all(|&g| g == 0.0));
+}

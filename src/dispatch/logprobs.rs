@@ -40,13 +40,13 @@ pub fn forward(
         type A = <E as Elem>::Acc;
         // SAFETY: the outputs are fresh tensors owned by this call, distinct from each other.
         let logprob = unsafe { out.logprob.as_mut_slice::<A>()? };
-        let lse = unsafe { out.lse.as_mut_slice::<A>()? };
+        let stats = unsafe { out.stats.as_mut_slice::<A>()? };
         let entropy = match out.entropy.as_mut() {
             Some(e) => Some(unsafe { e.as_mut_slice::<A>()? }),
             None => None,
         };
         // SAFETY: rows describe the checked [n, V] logits of element type E.
-        unsafe { cpu::logprobs::forward::<E>(rows, &targets, inp.options, logprob, lse, entropy) };
+        unsafe { cpu::logprobs::forward::<E>(rows, &targets, inp.options, logprob, stats, entropy) };
         Ok(())
     })
 }
@@ -68,16 +68,17 @@ pub fn backward(inp: &LogprobBackward, stream: Option<usize>) -> Result<()> {
         t.as_ref().map_or(Ok(vec![0.0; n]), |t| t.to_f64_vec())
     };
     let (g_lp, g_ent) = (read(&inp.grad_logprob)?, read(&inp.grad_entropy)?);
-    let lse = inp.lse.to_f64_vec()?;
     let entropy = read(&inp.entropy)?;
     let rows = rows_of(&inp.logits, v);
     crate::dispatch_float!(inp.logits.dtype(), E => {
         use crate::cpu::float::Acc;
         type A = <E as Elem>::Acc;
+        let stats = inp.stats.as_slice::<A>()?;
         let grads = |r: usize| RowGrad {
             grad_logprob: A::of(g_lp[r]),
             grad_entropy: A::of(g_ent[r]),
-            lse: A::of(lse[r]),
+            max: stats[2 * r],
+            log_sum: stats[2 * r + 1],
             entropy: A::of(entropy[r]),
         };
         // SAFETY: the logits are the caller's scratch chunk, rows of V contiguous columns

@@ -11,6 +11,9 @@
 use crate::error::{Error, Result};
 use crate::tensor::{DType, TensorRef};
 
+/// The smallest temperature: `1 / temperature` stays a finite float32.
+pub const MIN_TEMPERATURE: f64 = 1e-30;
+
 /// How the chunk's options reach a backend.
 #[derive(Clone, Copy, Debug)]
 pub struct LogprobOptions {
@@ -23,10 +26,11 @@ pub struct LogprobOptions {
 impl LogprobOptions {
     /// Checks the temperature.
     pub fn new(temperature: f64, ignore_index: i64) -> Result<Self> {
-        if !(temperature.is_finite() && temperature > 0.0) {
+        // Its inverse multiplies the logits in float32: it must be a float32 number.
+        if !(temperature.is_finite() && temperature >= MIN_TEMPERATURE) {
             return Err(Error::value(
                 "temperature",
-                "a finite number > 0",
+                format!("a finite number >= {MIN_TEMPERATURE:e}"),
                 temperature,
             ));
         }
@@ -73,13 +77,13 @@ fn check_chunk(logits: &TensorRef, targets: &TensorRef) -> Result<(usize, usize)
     Ok((n, v))
 }
 
-/// Fails unless `t` is a contiguous `[n]` tensor of `dtype`.
-fn check_vector(t: &TensorRef, n: usize, dtype: DType) -> Result<()> {
+/// Fails unless `t` is a contiguous tensor of `shape` and `dtype`.
+fn check_buffer(t: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
     t.expect_dtype(&[dtype])?;
-    if t.shape() != [n] || (n > 0 && !t.is_contiguous()) {
+    if t.shape() != shape || (t.numel() > 0 && !t.is_contiguous()) {
         return Err(Error::shape(
             t.name(),
-            format!("a contiguous [{n}]"),
+            format!("a contiguous {shape:?}"),
             t.shape(),
         ));
     }
@@ -96,14 +100,14 @@ pub struct LogprobForward<'a> {
     pub options: LogprobOptions,
 }
 
-/// What the forward pass fills (each contiguous `[n]` of [`result_dtype`]).
+/// What the forward pass fills (contiguous, of [`result_dtype`]).
 pub struct LogprobOutputs<'a> {
     /// Log-probability of each target.
     pub logprob: TensorRef<'a>,
     /// Entropy of each row's distribution (skipped when absent).
     pub entropy: Option<TensorRef<'a>>,
-    /// Each row's `lse`, kept for the backward pass.
-    pub lse: TensorRef<'a>,
+    /// Each row's max and `log sum e^{x - max}` (`[n, 2]`), kept for the backward pass.
+    pub stats: TensorRef<'a>,
 }
 
 impl LogprobForward<'_> {
@@ -111,10 +115,10 @@ impl LogprobForward<'_> {
     pub fn check(&self, out: &LogprobOutputs) -> Result<(usize, usize)> {
         let (n, v) = check_chunk(&self.logits, &self.targets)?;
         let dtype = result_dtype(self.logits.dtype());
-        check_vector(&out.logprob, n, dtype)?;
-        check_vector(&out.lse, n, dtype)?;
+        check_buffer(&out.logprob, &[n], dtype)?;
+        check_buffer(&out.stats, &[n, 2], dtype)?;
         if let Some(e) = &out.entropy {
-            check_vector(e, n, dtype)?;
+            check_buffer(e, &[n], dtype)?;
         }
         Ok((n, v))
     }
@@ -129,8 +133,8 @@ pub struct LogprobBackward<'a> {
     pub targets: TensorRef<'a>,
     /// Temperature and ignore index.
     pub options: LogprobOptions,
-    /// The forward pass's `lse` (contiguous `[n]`).
-    pub lse: TensorRef<'a>,
+    /// The forward pass's `stats` (contiguous `[n, 2]`).
+    pub stats: TensorRef<'a>,
     /// The forward pass's entropy: needed with `grad_entropy`.
     pub entropy: Option<TensorRef<'a>>,
     /// Upstream gradient of the log-probs (`[n]`, result dtype, any stride; absent: zero).
@@ -152,7 +156,7 @@ impl LogprobBackward<'_> {
             ));
         }
         let dtype = result_dtype(self.logits.dtype());
-        check_vector(&self.lse, n, dtype)?;
+        check_buffer(&self.stats, &[n, 2], dtype)?;
         for g in [&self.grad_logprob, &self.grad_entropy]
             .into_iter()
             .flatten()
@@ -163,7 +167,7 @@ impl LogprobBackward<'_> {
             }
         }
         match (&self.entropy, &self.grad_entropy) {
-            (Some(e), _) => check_vector(e, n, dtype)?,
+            (Some(e), _) => check_buffer(e, &[n], dtype)?,
             (None, Some(_)) => {
                 return Err(Error::value(
                     "entropy",
@@ -180,7 +184,7 @@ impl LogprobBackward<'_> {
     pub fn others(&self) -> [Option<&TensorRef<'_>>; 5] {
         [
             Some(&self.targets),
-            Some(&self.lse),
+            Some(&self.stats),
             self.entropy.as_ref(),
             self.grad_logprob.as_ref(),
             self.grad_entropy.as_ref(),
@@ -194,7 +198,7 @@ impl LogprobForward<'_> {
         [
             Some(&self.targets),
             Some(&out.logprob),
-            Some(&out.lse),
+            Some(&out.stats),
             out.entropy.as_ref(),
         ]
     }

@@ -8,10 +8,11 @@ use super::tensor::{import_on, import_opt_on, view_opt};
 use crate::dispatch::logprobs;
 use crate::op::logprobs::{LogprobBackward, LogprobForward, LogprobOptions, LogprobOutputs};
 
-/// Fills `out_logprob`, `out_lse` and (when given) `out_entropy` (each `[n]`, float32;
-/// float64 for float64 logits) from `logits` `[n, V]` and `targets` int64 `[n]`.
+/// Fills `out_logprob` and (when given) `out_entropy` (each `[n]`, float32; float64 for
+/// float64 logits) and `out_stats` (`[n, 2]`: each row's max and log-sum, for the backward
+/// pass) from `logits` `[n, V]` and `targets` int64 `[n]`.
 #[pyfunction]
-#[pyo3(signature = (logits, targets, temperature, ignore_index, out_logprob, out_lse,
+#[pyo3(signature = (logits, targets, temperature, ignore_index, out_logprob, out_stats,
                     out_entropy=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn token_logprobs_forward(
@@ -21,14 +22,14 @@ pub fn token_logprobs_forward(
     temperature: f64,
     ignore_index: i64,
     out_logprob: &Bound<'_, PyAny>,
-    out_lse: &Bound<'_, PyAny>,
+    out_stats: &Bound<'_, PyAny>,
     out_entropy: Option<&Bound<'_, PyAny>>,
     stream: Option<usize>,
 ) -> PyResult<()> {
     let logits = import_on(logits, "logits", stream)?;
     let targets = import_on(targets, "targets", stream)?;
     let out_logprob = import_on(out_logprob, "out_logprob", stream)?;
-    let out_lse = import_on(out_lse, "out_lse", stream)?;
+    let out_stats = import_on(out_stats, "out_stats", stream)?;
     let out_entropy = import_opt_on(out_entropy, "out_entropy", stream)?;
     run(py, "hidden_align.token_logprobs", move || {
         let inputs = LogprobForward {
@@ -39,7 +40,7 @@ pub fn token_logprobs_forward(
         let mut out = LogprobOutputs {
             logprob: out_logprob.view()?,
             entropy: view_opt(&out_entropy)?,
-            lse: out_lse.view()?,
+            stats: out_stats.view()?,
         };
         logprobs::forward(&inputs, &mut out, stream)
     })
@@ -48,7 +49,7 @@ pub fn token_logprobs_forward(
 /// Overwrites `logits` (the chunk recomputed) with the gradient of
 /// `sum(grad_logprob * logprob + grad_entropy * entropy)` w.r.t. it.
 #[pyfunction]
-#[pyo3(signature = (logits, targets, temperature, ignore_index, lse, entropy=None,
+#[pyo3(signature = (logits, targets, temperature, ignore_index, stats, entropy=None,
                     grad_logprob=None, grad_entropy=None, stream=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn token_logprobs_backward(
@@ -57,7 +58,7 @@ pub fn token_logprobs_backward(
     targets: &Bound<'_, PyAny>,
     temperature: f64,
     ignore_index: i64,
-    lse: &Bound<'_, PyAny>,
+    stats: &Bound<'_, PyAny>,
     entropy: Option<&Bound<'_, PyAny>>,
     grad_logprob: Option<&Bound<'_, PyAny>>,
     grad_entropy: Option<&Bound<'_, PyAny>>,
@@ -65,7 +66,7 @@ pub fn token_logprobs_backward(
 ) -> PyResult<()> {
     let logits = import_on(logits, "logits", stream)?;
     let targets = import_on(targets, "targets", stream)?;
-    let lse = import_on(lse, "lse", stream)?;
+    let stats = import_on(stats, "stats", stream)?;
     let entropy = import_opt_on(entropy, "entropy", stream)?;
     let grad_logprob = import_opt_on(grad_logprob, "grad_logprob", stream)?;
     let grad_entropy = import_opt_on(grad_entropy, "grad_entropy", stream)?;
@@ -74,7 +75,7 @@ pub fn token_logprobs_backward(
             logits: logits.view()?,
             targets: targets.view()?,
             options: LogprobOptions::new(temperature, ignore_index)?,
-            lse: lse.view()?,
+            stats: stats.view()?,
             entropy: view_opt(&entropy)?,
             grad_logprob: view_opt(&grad_logprob)?,
             grad_entropy: view_opt(&grad_entropy)?,
