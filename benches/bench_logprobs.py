@@ -10,7 +10,8 @@
 Forward + backward of ``logprob.sum() + entropy.sum()`` w.r.t. hidden and weight, median of
 interleaved repetitions; and the peak extra memory of one forward + backward: on the CPU the
 resident-set high-water mark (VmHWM, reset once the inputs exist) of a fresh process running
-only that provider, minus its resident set at that point; on CUDA ``torch.cuda.max_memory_allocated`` above the inputs.
+only that provider, minus its resident set at that point; on CUDA
+``torch.cuda.max_memory_allocated`` above the inputs.
 
 Usage: python benches/bench_logprobs.py [--n 4096] [--h 1024] [--v 32768]
            [--dtypes float32,bfloat16] [--reps 3] [--device cpu] [--no-compile]

@@ -116,21 +116,23 @@ HA_DEVICE double metric_of(const SamplingParams& p, int64_t b) {
     return load_as_double(p.metric.p, p.metric.code, b * p.metric.stride);
 }
 
-// keep_b = |g| == 1 or (no NaN in g and some metric of g differs from the first member's).
+// keep_b = |g| == 1 or (every metric of g finite and some differs from the first member's): a NaN
+// or inf member makes verl's std NaN, which its `std > 0` filter drops.
 // Grid: ceil(B / HA_BLOCK); the thread at the first position of a group decides for all its
 // members; the others and threads past B return.
 HA_DEVICE void dynamic_sampling(const SamplingParams& p) {
     const int64_t k = static_cast<int64_t>(blockIdx.x) * HA_BLOCK + threadIdx.x;
     int64_t end;
     if (k >= p.batch || !group_starting_at(p.groups, k, p.batch, &end)) return;
-    bool nan = false, differs = false;
+    bool finite = true, differs = false;
     const double first = metric_of(p, member_at(p.groups, k));
     for (int64_t i = k; i < end; ++i) {
         const double v = metric_of(p, member_at(p.groups, i));
-        nan = nan || is_nan(v);
+        // v - v is 0 for finite v and NaN for NaN or +-inf.
+        finite = finite && (v - v) == 0.0;
         differs = differs || v != first;
     }
-    const uint8_t keep = (end - k == 1 || (!nan && differs)) ? 1 : 0;
+    const uint8_t keep = (end - k == 1 || (finite && differs)) ? 1 : 0;
     for (int64_t i = k; i < end; ++i) p.out[member_at(p.groups, i)] = keep;
 }
 HA_KERNEL(dapo_dynamic_sampling, dynamic_sampling, SamplingParams)
@@ -151,7 +153,8 @@ HA_DEVICE void overlong_penalty(const OverlongParams& p) {
     if (b >= p.batch) return;
     const double l = load_as_double(p.lengths.p, p.lengths.code, b * p.lengths.stride);
     const double v = -(l - p.expected) / p.buffer_length * p.penalty_factor;
-    p.out[b] = static_cast<float>(v < 0.0 ? v : 0.0);  // NaN gives 0, as min(v, 0) on the CPU
+    // A NaN length stays NaN, as verl's min(v, 0) and the CPU backend leave it.
+    p.out[b] = static_cast<float>((v < 0.0 || is_nan(v)) ? v : 0.0);
 }
 HA_KERNEL(dapo_overlong_penalty, overlong_penalty, OverlongParams)
 

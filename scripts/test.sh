@@ -3,8 +3,10 @@
 # `emulation` feature, so the CUDA kernels also run on the CPU) with its test and parity extras
 # (torch, pytest, ruff, ptxas, verl, TRL, tokenizers, transformers) and OpenRLHF (without its
 # GPU-only dependencies), then the Rust checks, the kernel compile check, the ThreadSanitizer
-# run of the emulated kernels and the Python tests, the latter also with torch 2.11, the
-# version verl 0.9.1 pins.
+# run of the emulated kernels, the Python tests (property, hostile-input, determinism, memory
+# and thread tests among them), a short fuzz run, the packaging check (release wheel in a clean
+# virtual environment, sdist) and the Python tests again with torch 2.11, the version verl
+# 0.9.1 pins (the oldest supported; the first run uses the newest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,11 +33,20 @@ bash scripts/tsan.sh
 echo "== ruff"
 ruff check .
 ruff format --check .
+echo "== the package runs on Python 3.9 (the abi3 floor): no newer syntax or library use"
+vermin --no-tips --violations -t=3.9- python/hidden_align
 
 echo "== pytest"
 python -m pytest -q
 echo "== pytest: the emulated kernels again, four blocks of each launch at once"
 HIDDEN_ALIGN_EMULATED_BLOCKS=4 python -m pytest -q tests/test_cuda_emulated.py
+
+echo "== fuzz: 20,000 atheris executions over every op and the native entry points"
+mkdir -p target/fuzz
+python scripts/fuzz.py --strict -atheris_runs=20000 -seed=1 -artifact_prefix=target/fuzz/
+
+echo "== packaging: release abi3 wheel, auditwheel, clean virtual environment, sdist"
+bash scripts/check_packaging.sh
 
 echo "== pytest with torch 2.11 (verl 0.9.1's pin), in a virtual environment over this one"
 venv=target/venv-torch2.11

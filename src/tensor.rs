@@ -292,6 +292,10 @@ has_dtype!(bool => Bool, u8 => U8, i32 => I32, i64 => I64, half::f16 => F16,
 impl TensorRef<'_> {
     /// True when the strides are row-major contiguous (size-1 dimensions may have any stride).
     pub fn is_contiguous(&self) -> bool {
+        // As torch: a tensor without elements addresses nothing, whatever its strides.
+        if self.numel() == 0 {
+            return true;
+        }
         let mut expected = 1isize;
         for (&n, &s) in self.shape.iter().zip(&self.strides).rev() {
             if n != 1 && s != expected {

@@ -1,6 +1,6 @@
 """The fuzz harness (scripts/fuzz.py) on deterministic inputs: pseudo-random byte strings and
 hand-picked edge inputs for every target. Any outcome the harness does not allow fails the
-test; the defects it has already found are each reproduced below by a strict xfail test."""
+test; the defects it has found are each kept below as a regression test."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,37 +117,102 @@ def test_dp_size_beyond_int64_is_an_argument_error():
         ha.dapo.policy_loss(logp, logp, torch.ones(2), torch.ones(2, 3), dp_size=2**64)
 
 
-@pytest.mark.xfail(strict=True, reason="group_ids_from_uids(None) raises list()'s bare TypeError")
 @pytest.mark.parametrize("uids", [None, 5, 1.5, True])
 def test_uids_that_are_not_a_sequence_are_an_argument_error(uids):
-    with pytest.raises(ha.ArgumentError, match="uids"):
+    with pytest.raises(ha.ArgumentError, match="uids: expected a sequence of uid strings"):
         ha.dapo.group_ids_from_uids(uids)
 
 
-@pytest.mark.xfail(strict=True, reason="norm_by_std is bool(x) of anything: 'False' means True")
-def test_norm_by_std_must_be_a_bool():
+def test_a_uid_without_utf8_form_is_an_argument_error_naming_the_item():
+    with pytest.raises(ha.ArgumentError, match=r"uids\[2\]: expected a uid with a UTF-8"):
+        ha.dapo.group_ids_from_uids(["a", b"\xff", "x\udc80y", "\ud800"])
+    # Through an op taking uids, the error names that op's argument.
+    with pytest.raises(ha.ArgumentError, match=r"group_ids\[0\]"):
+        ha.dapo.group_advantages(torch.ones(2), group_ids=["\ud800", "a"])
+
+
+def test_an_item_whose_str_raises_unicode_error_keeps_its_own_error():
+    """The error path looks for the item without a UTF-8 form; when no item has one, the
+    UnicodeEncodeError came from an item's ``__str__`` and is left as it is."""
+
+    class Raises:
+        def __str__(self):
+            raise UnicodeEncodeError("utf-8", "x", 0, 1, "its own")
+
+    with pytest.raises(UnicodeEncodeError, match="its own"):
+        ha.dapo.group_ids_from_uids(["a", Raises()])
+
+
+@pytest.mark.parametrize("value", ["False", "false", 1, 0, None, np.bool_(True), torch.ones(2)])
+def test_norm_by_std_must_be_a_bool(value):
     scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ha.ArgumentError, match="norm_by_std"):
-        ha.dapo.group_advantages(scores, group_size=2, norm_by_std="False")
+    with pytest.raises(ha.ArgumentError, match="norm_by_std: expected a bool"):
+        ha.dapo.group_advantages(scores, group_size=2, norm_by_std=value)
 
 
-@pytest.mark.xfail(strict=True, reason="norm_by_std tensor: torch's RuntimeError escapes")
-def test_norm_by_std_tensor_is_an_argument_error():
-    scores = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    with pytest.raises(ha.ArgumentError, match="norm_by_std"):
-        ha.dapo.group_advantages(scores, group_size=2, norm_by_std=torch.ones(2))
-
-
-@pytest.mark.xfail(strict=True, reason="stats.rows(loss_type=[...]) raises a bare TypeError")
-def test_rows_with_an_unhashable_loss_type_is_an_argument_error():
+@pytest.mark.parametrize("loss_type", [["cosine"], {"cosine"}, np.array(["cosine", "mse"])])
+def test_rows_with_an_unhashable_loss_type_is_an_argument_error(loss_type):
     stats = ha.group_anchor_stats(
         torch.randn(4, 3, 2), torch.tensor([0, 1, 2, 0]), torch.ones(4), group_size=2
     )
-    with pytest.raises(ha.ArgumentError, match="loss_type"):
-        stats.rows(stats.group_ids, loss_type=["cosine"])
+    with pytest.raises(ha.ArgumentError, match="loss_type: expected None or one of"):
+        stats.rows(stats.group_ids, loss_type=loss_type)
 
 
-@pytest.mark.xfail(strict=True, reason="row/group/flag lengths that differ are a KernelError")
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda v: ha.loss(
+            torch.ones(2, 3, 2), torch.tensor([0, 1]), torch.ones(2), group_size=2, loss_type=v
+        ),
+        lambda v: ha.find_anchors(
+            torch.ones(1, 3, dtype=torch.int64), torch.ones(1, 3), [[1]], occurrence=v
+        ),
+        lambda v: ha.dapo.policy_loss(
+            torch.zeros(1, 2), torch.zeros(1, 2), torch.ones(1), torch.ones(1, 2), loss_agg_mode=v
+        ),
+    ],
+    ids=["loss_type", "occurrence", "loss_agg_mode"],
+)
+@pytest.mark.parametrize("value", [["x"], np.array(["a", "b"]), torch.ones(2)])
+def test_options_of_a_wrong_type_are_an_argument_error(call, value):
+    """A list, an array or a tensor as a string option: an error naming the option, not the
+    TypeError of an unhashable value or the ValueError of an array's truth value."""
+    with pytest.raises(ha.ArgumentError, match="expected one of"):
+        call(value)
+
+
+@pytest.mark.parametrize("value", ["no", torch.empty(0, device="meta")])
+def test_return_stats_must_be_a_bool(value):
+    with pytest.raises(ha.ArgumentError, match="return_stats"):
+        ha.loss(
+            torch.ones(2, 3, 2),
+            torch.tensor([0, 1]),
+            torch.ones(2),
+            group_size=2,
+            return_stats=value,
+        )
+
+
+def test_return_entropy_must_be_a_bool():
+    with pytest.raises(ha.ArgumentError, match="return_entropy"):
+        ha.token_logprobs(
+            torch.ones(2, 3),
+            torch.ones(4, 3),
+            torch.zeros(2, dtype=torch.int64),
+            return_entropy="no",
+        )
+
+
+def test_compiled_policy_backward_with_no_column():
+    from hidden_align import _compiled
+
+    z = torch.zeros(3, 0)
+    scale, upstream = torch.ones(3), torch.ones(())
+    grad = _compiled._policy_backward(z, z, z, z, None, 0.2, 0.28, 10.0, 20.0, scale, upstream)
+    assert grad.shape == (3, 0)
+
+
 def test_native_backward_with_mismatched_plan_lengths_is_a_shape_error():
     out = torch.empty(2, 3)
     with pytest.raises(ha.ShapeError):
@@ -165,7 +231,6 @@ def test_native_backward_with_mismatched_plan_lengths_is_a_shape_error():
         )
 
 
-@pytest.mark.xfail(strict=True, reason="num_groups is not checked against B: a Rust panic")
 def test_native_backward_with_an_overflowing_group_count_is_an_argument_error():
     """2**63 - 1 groups overflow the size of the per-group buffer: a panic, which the guard
     turns into a KernelError."""
@@ -185,7 +250,6 @@ def test_native_backward_with_an_overflowing_group_count_is_an_argument_error():
         )
 
 
-@pytest.mark.xfail(strict=True, reason="num_groups is not checked against B: the process aborts")
 def test_native_backward_with_a_huge_group_count_does_not_abort():
     """In a subprocess: 2**36 groups make the CPU backward allocate num_groups x H floats, and
     the failed allocation aborts the process (Rust's allocation-error handler)."""
@@ -209,10 +273,4 @@ def test_known_defects_are_exactly_the_reproduced_ones():
     """Every entry of KNOWN_DEFECTS has its reproduction above; a fixed defect must leave the
     list (its xfail test then passes, which strict xfail reports)."""
     whats = {what for what, _, _ in fuzz.KNOWN_DEFECTS}
-    assert whats == {
-        "group_ids_from_uids of a non-iterable",
-        "norm_by_std is not type-checked",
-        "stats.rows(loss_type=<unhashable>)",
-        "_native.align_backward length mismatch",
-        "_native.align_backward num_groups unchecked",
-    }
+    assert whats == set()

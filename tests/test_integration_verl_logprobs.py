@@ -1,8 +1,8 @@
 """verl 0.9.1's fused log-prob path (``use_fused_kernels=True``, torch backend) on
 ``hidden_align.token_logprobs``: a Qwen2 model built from a config, patched by verl's own
 ``patch_forward_with_backends`` (the last step of its ``apply_monkey_patch``, whose other
-steps need packages this test does not use), gives the same log-probs, entropies and parameter gradients with our
-forward as with verl's ``FusedLinearForPPO``."""
+steps need packages this test does not use), gives the same log-probs, entropies and parameter
+gradients with our forward as with verl's ``FusedLinearForPPO``."""
 
 from __future__ import annotations
 

@@ -53,7 +53,7 @@ class TinyCausalLM(torch.nn.Module):
         super().__init__()
         self.embed = torch.nn.Embedding(VOCAB, DIM)
         self.mix = torch.nn.Linear(DIM, DIM)
-        self.head = torch.nn.Linear(DIM, VOCAB, bias=False)
+        self.lm_head = torch.nn.Linear(DIM, VOCAB, bias=False)
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
         x = self.embed(input_ids)
@@ -61,7 +61,7 @@ class TinyCausalLM(torch.nn.Module):
             x = x * attention_mask[..., None].to(x.dtype)
         h = torch.tanh(self.mix(x.cumsum(1)))  # causal: position t sees the tokens up to t
         return types.SimpleNamespace(
-            logits=self.head(h), hidden_states=(x, h) if output_hidden_states else None
+            logits=self.lm_head(h), hidden_states=(x, h) if output_hidden_states else None
         )
 
 

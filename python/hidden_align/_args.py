@@ -25,9 +25,7 @@ def same_device(first: tuple, *others: tuple) -> None:
                 f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
                 f"got one on {t.device}"
             )
-    if t0.device.type == "meta":
-        # A meta tensor has no data to read: say so, rather than let the DLPack export fail.
-        raise DeviceError(f"{name0}: expected a tensor on cpu or cuda, got one on meta")
+    check_data_device(name0, t0)
 
 
 def moves_to(source: torch.device, target: torch.device) -> bool:
@@ -67,9 +65,39 @@ def as_float(name: str, value) -> float:
     return float(value)
 
 
-def check_choice(name: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ArgumentError(f"{name}: expected one of {choices}, got {value!r}")
+def check_bool(name: str, value) -> bool:
+    """A real bool (``bool(x)`` would take the string ``"false"`` or any non-empty list for
+    True, and raise torch's own error for a tensor of several elements)."""
+    if not isinstance(value, bool):
+        raise ArgumentError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def check_choice(name: str, value, choices: tuple, optional: bool = False) -> None:
+    """``value`` is one of the strings ``choices`` (or None when ``optional``). Only a str is
+    compared: ``in`` on a dict or set raises TypeError for an unhashable value, and comparing a
+    numpy array or a tensor gives an array whose truth value raises."""
+    if optional and value is None:
+        return
+    if not (isinstance(value, str) and value in choices):
+        expected = f"None or one of {choices}" if optional else f"one of {choices}"
+        raise ArgumentError(f"{name}: expected {expected}, got {value!r}")
+
+
+def check_data_device(name: str, t: torch.Tensor) -> None:
+    """``t`` has data to read: a meta tensor would fail its DLPack export with torch's
+    message and C++ backtrace."""
+    if t.device.type == "meta":
+        raise DeviceError(f"{name}: expected a tensor on cpu or cuda, got one on meta")
+
+
+def saveable(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as autograd can save it for backward: an inference tensor (made under
+    ``torch.inference_mode()``, e.g. old log-probs) has no version counter and is refused by
+    ``save_for_backward``, so it is copied; any other tensor is returned as it is."""
+    if t is not None and t.is_inference():
+        return t.clone()
+    return t
 
 
 def accumulator(dtype: torch.dtype) -> torch.dtype:

@@ -11,6 +11,7 @@ from ._args import (
     accumulator,
     as_float,
     check_anchor_inputs,
+    check_bool,
     check_choice,
 )
 from ._backend import stream_of
@@ -184,6 +185,7 @@ def loss(
         >>> value.backward()
     """
     group_ids = check_anchor_inputs(hidden, mask, rewards, group_ids, group_size, cu_seqlens)
+    return_stats = check_bool("return_stats", return_stats)
     check_choice("loss_type", loss_type, _LOSS_TYPES)
     check_choice("reduction", reduction, _REDUCTIONS)
     if reference is not None:

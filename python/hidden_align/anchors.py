@@ -20,7 +20,7 @@ import torch
 from . import _native
 from ._args import check_choice, check_int, require_tensor, same_device
 from ._backend import stream_of
-from .errors import ArgumentError, DtypeError, ShapeError
+from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
 
 __all__ = ["find_anchors", "marker_token_ids", "unpadded_rows"]
 
@@ -265,6 +265,11 @@ def _marker_tensors(markers) -> tuple:
                     f"markers[{m}]: expected a 1-D integer tensor, got dtype {spelling.dtype} "
                     f"and shape {list(spelling.shape)}"
                 )
+            if spelling.device.type == "meta":
+                raise DeviceError(
+                    f"markers[{m}]: expected a tensor on cpu or cuda, got one on meta (its "
+                    "ids are read on the host)"
+                )
             ids = spelling.tolist()
         elif isinstance(spelling, Sequence) and not isinstance(spelling, (str, bytes)):
             ids = list(spelling)
@@ -309,7 +314,8 @@ def find_anchors(
 
     One fused pass: Rust on the CPU (rows in parallel for large batches), a CUDA kernel on the
     GPU (a block per row, no host synchronisation); each row is scanned from the end for
-    ``"last"`` (from the start for ``"first"``) and the scan stops at the first match.
+    ``"last"`` (from the start for ``"first"``) and the scan stops at the first match. The
+    kernel takes rows of up to 2**31 - 1 tokens (``ShapeError`` beyond); the CPU any length.
 
     Args:
         token_ids: int64 or int32 ``[B, T]`` (prompt + response, or the response alone), any

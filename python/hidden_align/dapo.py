@@ -13,12 +13,15 @@ from . import _compiled, _native
 from ._args import (
     accumulator,
     as_float,
+    check_bool,
     check_choice,
+    check_data_device,
     check_int,
     detached,
     group_ids_on,
     require_tensor,
     same_device,
+    saveable,
 )
 from ._backend import stream_of
 from ._groups import group_ids_from_uids
@@ -56,6 +59,7 @@ def _normaliser(name: str, value) -> tuple:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ArgumentError(f"{name}: expected a number or a 1-element tensor")
+        check_data_device(name, value)
         return None, value.detach()
     return _optional_number(name, value), None
 
@@ -80,7 +84,7 @@ def group_advantages(
             device with ``non_blocking=True``; pass them on the device under graph capture).
         group_size: rollouts per prompt for contiguous groups (exactly one of the two).
         eps: added to the std (verl 1e-6; OpenRLHF uses 1e-9, TRL 1e-4).
-        norm_by_std: divide by the std.
+        norm_by_std: divide by the std (a bool).
 
     Returns:
         float32 ``[B]`` advantages (verl returns them broadcast over the response mask).
@@ -93,9 +97,10 @@ def group_advantages(
     check_int("group_size", group_size)
     group_ids = group_ids_on(group_ids, scores)
     same_device(("scores", scores), ("group_ids", group_ids))
+    norm_by_std = check_bool("norm_by_std", norm_by_std)
     if torch.compiler.is_compiling():
         eps = as_float("eps", eps)
-        return _compiled.group_advantages(scores, group_ids, group_size, eps, bool(norm_by_std))
+        return _compiled.group_advantages(scores, group_ids, group_size, eps, norm_by_std)
     out = torch.empty(
         scores.shape[0] if scores.dim() else 0, dtype=torch.float32, device=scores.device
     )
@@ -109,7 +114,7 @@ def group_advantages(
         detached(group_ids),
         group_size,
         as_float("eps", eps),
-        bool(norm_by_std),
+        norm_by_std,
         out,
         totals,
         order,
@@ -125,7 +130,7 @@ def dynamic_sampling_mask(
 
     A rollout is kept when its group's metric (e.g. accuracy or score) is not constant, or the
     group has one member, as verl's filter (``std > 0 or len == 1``). A group containing a NaN
-    metric is dropped (``np.std`` is NaN there).
+    or infinite metric is dropped (``np.std`` is NaN there).
 
     Args:
         metric: ``[B]`` per-rollout metric, any numeric dtype.
@@ -173,13 +178,14 @@ def overlong_penalty(
         penalty_factor: the penalty at the limit.
 
     Returns:
-        float32 ``[B]``, zero or negative.
+        float32 ``[B]``, zero or negative; NaN for a NaN length (as verl's ``min``).
 
     Example:
         >>> overlong_penalty(torch.tensor([10, 18, 20]), 20, 4)
         tensor([ 0.0000, -0.5000, -1.0000])
     """
     require_tensor("response_lengths", response_lengths)
+    check_data_device("response_lengths", response_lengths)
     if torch.compiler.is_compiling():
         return _compiled.overlong_penalty(
             response_lengths,
@@ -198,6 +204,18 @@ def overlong_penalty(
         stream_of(response_lengths),
     )
     return out
+
+
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """An uninitialised row-major buffer shaped like ``t``. The strides are the row-major ones
+    of the shape even where a dimension is 0 (``[B, 0]`` gets ``(0, 1)``): torch gives an
+    empty tensor strides ``(1, 1)``, which the native side, comparing each stride with the
+    product of the sizes after it, refuses as a strided view."""
+    strides, step = [], 1
+    for n in reversed(t.shape):
+        strides.append(step)
+        step *= n
+    return torch.empty_strided(t.shape, strides[::-1], dtype=t.dtype, device=t.device)
 
 
 class _PolicyLoss(torch.autograd.Function):
@@ -222,7 +240,7 @@ class _PolicyLoss(torch.autograd.Function):
         row_scale = torch.empty(batch, dtype=acc, device=dev)
         factor = None
         if log_prob.requires_grad:
-            factor = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
+            factor = _dense_like(log_prob)
         w = detached(weights)
         inputs = (log_prob.detach(), old_log_prob.detach(), advantages.detach())
         inputs += (response_mask.detach(), w)
@@ -233,7 +251,10 @@ class _PolicyLoss(torch.autograd.Function):
         _native.policy_loss_forward(
             inputs, clip, *agg, loss, metrics, row_scale, factor, norm_tensors, partials, stream
         )
-        ctx.save_for_backward(log_prob, old_log_prob, advantages, response_mask, row_scale)
+        saved = (old_log_prob, advantages, response_mask)
+        if ctx.needs_input_grad[0]:
+            saved = tuple(saveable(t) for t in saved)
+        ctx.save_for_backward(log_prob, *saved, row_scale)
         ctx.weights = w
         ctx.clip = clip
         ctx.factor = factor
@@ -249,7 +270,7 @@ class _PolicyLoss(torch.autograd.Function):
         grad, ctx.factor = ctx.factor, None
         saved = grad is not None
         if not saved:
-            grad = torch.empty_like(log_prob, memory_format=torch.contiguous_format)
+            grad = _dense_like(log_prob)
         _native.policy_loss_backward(
             (log_prob.detach(), old.detach(), adv.detach(), mask.detach(), ctx.weights),
             ctx.clip,

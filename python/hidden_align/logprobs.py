@@ -17,7 +17,15 @@ import torch
 from torch._C import _functions as _autograd_functions
 
 from . import _native
-from ._args import accumulator, as_float, check_int, require_tensor, same_device
+from ._args import (
+    accumulator,
+    as_float,
+    check_bool,
+    check_int,
+    require_tensor,
+    same_device,
+    saveable,
+)
 from ._backend import get_backend, stream_of
 from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
 
@@ -78,7 +86,11 @@ class _TokenLogprobs(torch.autograd.Function):
                 None if entropy is None else entropy[s:e],
                 stream,
             )
-        ctx.save_for_backward(hidden, weight, bias, targets, stats, entropy)
+        saved = (hidden, weight, bias, targets)
+        if any(ctx.needs_input_grad):
+            # Inference tensors (a frozen head, targets made under inference_mode) as copies.
+            saved = tuple(saveable(t) for t in saved)
+        ctx.save_for_backward(*saved, stats, entropy)
         ctx.options = (temperature, chunk, ignore)
         ctx.set_materialize_grads(False)
         return (logprob, entropy) if want_entropy else logprob
@@ -262,6 +274,7 @@ def token_logprobs(
         (torch.Size([2, 5]), torch.Size([2, 5]))
     """
     temperature = _check(hidden, weight, targets, bias, temperature, chunk_size, ignore_index)
+    return_entropy = check_bool("return_entropy", return_entropy)
     shape = targets.shape
     h = hidden.reshape(-1, hidden.shape[-1])
     t = targets.reshape(-1)
@@ -273,7 +286,7 @@ def token_logprobs(
         empty = attached.to(acc) * torch.zeros(shape, dtype=acc, device=hidden.device)
         return (empty, empty.clone()) if return_entropy else empty
     out = _TokenLogprobs.apply(
-        h, weight, bias, t, temperature, bool(return_entropy), chunk, int(ignore_index)
+        h, weight, bias, t, temperature, return_entropy, chunk, int(ignore_index)
     )
     if return_entropy:
         return out[0].view(shape), out[1].view(shape)

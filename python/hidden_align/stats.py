@@ -24,6 +24,7 @@ from ._args import (
     accumulator,
     as_float,
     check_anchor_inputs,
+    check_choice,
     group_ids_on,
     require_tensor,
     same_device,
@@ -310,10 +311,7 @@ class GroupAnchorStats:
         needs (``[B, H]`` instead of two); None keeps both. A group the statistics do not
         have gets count 0: a correct anchored rollout of it is an error of the loss.
         """
-        if loss_type is not None and loss_type not in _SUM_OF:
-            raise ArgumentError(
-                f"loss_type: expected None or one of {tuple(_SUM_OF)}, got {loss_type!r}"
-            )
+        check_choice("loss_type", loss_type, tuple(_SUM_OF), optional=True)
         group_ids = group_ids_on(group_ids, self.unit_sum)
         if isinstance(group_ids, torch.Tensor) and group_ids.dtype == torch.int32:
             group_ids = group_ids.long()

@@ -95,7 +95,8 @@ pub fn dynamic_sampling(metric: &[f64], group: &[usize], num_groups: usize, out:
         .map(|m| {
             let first = metric[m[0]];
             m.len() == 1
-                || (!m.iter().any(|&b| metric[b].is_nan()) && m.iter().any(|&b| metric[b] != first))
+                || (m.iter().all(|&b| metric[b].is_finite())
+                    && m.iter().any(|&b| metric[b] != first))
         })
         .collect();
     for (b, o) in out.iter_mut().enumerate() {

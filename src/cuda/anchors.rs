@@ -1,9 +1,12 @@
 //! Launch code of `kernels/anchors.cu`.
 
 use super::{Executor, Family, Grid, Side, ptr, stride};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::op::anchors::{FindAnchors, Occurrence};
 use crate::tensor::TensorRef;
+
+/// The longest rows the kernel ranks exactly.
+const MAX_COLS: usize = (1 << 31) - 1;
 
 /// `struct FindAnchorsParams` of `kernels/anchors.cu`.
 #[repr(C)]
@@ -35,6 +38,15 @@ pub fn find_anchors(
     (b, t): (usize, usize),
     out: &TensorRef,
 ) -> Result<()> {
+    // The kernel ranks matches by the key start (T + 1) + length in an int64: exact for any T
+    // up to 2^31 - 1 (T^2 + 2T < 2^63).
+    if t > MAX_COLS {
+        return Err(Error::shape(
+            "token_ids",
+            format!("[B, T] with T <= {MAX_COLS} on the CUDA kernels"),
+            &[b, t],
+        ));
+    }
     let params = FindAnchorsParams {
         tokens: ptr(&inp.token_ids),
         token_code: Side::of(&inp.token_ids).code,

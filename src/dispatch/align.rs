@@ -98,6 +98,13 @@ pub fn backward_kernels(
     cuda::expect_kernel_float(hidden)?;
     let batch = bufs.rows.shape().first().copied().unwrap_or(0);
     check_buffers(bufs, batch)?;
+    if num_groups > batch {
+        return Err(Error::value(
+            "num_groups",
+            format!("at most the number of rollouts ({batch})"),
+            num_groups,
+        ));
+    }
     let want: &[usize] = if cfg.reduction == Reduction::None {
         &[num_groups]
     } else {
@@ -137,11 +144,26 @@ fn check_buffers(bufs: &AlignBuffers, batch: usize) -> Result<()> {
 
 fn check_plan_rows(plan: &AnchorPlan, space: &RowSpace) -> Result<()> {
     let n = plan.batch();
-    if plan.group.len() != n || plan.correct.len() != n {
-        return Err(Error::Kernel {
-            op: "hidden_align.loss",
-            message: "inconsistent anchor plan".into(),
-        });
+    for (name, len) in [
+        ("groups", plan.group.len()),
+        ("correct", plan.correct.len()),
+    ] {
+        if len != n {
+            return Err(Error::shape(
+                name,
+                format!("[B] = [{n}] (one per rollout, as rows)"),
+                &[len][..],
+            ));
+        }
+    }
+    // Every group holds a rollout: more groups than rollouts cannot come from a forward pass
+    // (and would size the per-group buffers beyond anything the batch needs).
+    if plan.num_groups > n {
+        return Err(Error::value(
+            "num_groups",
+            format!("at most the number of rollouts ({n})"),
+            plan.num_groups,
+        ));
     }
     for (b, &r) in plan.rows.iter().enumerate() {
         if r < -1 || r >= space.rows as i64 {

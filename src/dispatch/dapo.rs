@@ -154,7 +154,9 @@ pub fn overlong_penalty(
     let out = unsafe { out.as_mut_slice::<f32>()? };
     let expected = max_response_length - buffer_length;
     for (o, l) in out.iter_mut().zip(values) {
-        *o = (-(l - expected) / buffer_length * penalty_factor).min(0.0) as f32;
+        let v = -(l - expected) / buffer_length * penalty_factor;
+        // A NaN length stays NaN, as verl's `min(v, 0)` leaves it (f64::min would give 0).
+        *o = if v.is_nan() { v } else { v.min(0.0) } as f32;
     }
     Ok(())
 }
