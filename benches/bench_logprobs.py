@@ -80,6 +80,8 @@ def step(fn, hidden, weight, targets):
         weight.grad = None
         logprob, entropy = fn(hidden, weight, targets)
         (logprob.sum() + entropy.sum()).backward()
+        if hidden.is_cuda:
+            torch.cuda.synchronize()  # the timer reads the host clock
 
     return run
 

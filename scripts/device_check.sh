@@ -7,6 +7,7 @@
 #   memcheck   scripts/device_smoke.py (every op once) under compute-sanitizer's memcheck
 #   racecheck  the same under racecheck
 #   bench      benches/bench_cuda.py (every op against eager formulas and torch.compile)
+#   logprobs   benches/bench_logprobs.py at N=8192, H=4096, V=151936 (bfloat16) against eager
 #   demo       `hidden-align demo --device cuda` for a few steps
 # Without a GPU it says so, still installs the wheel, runs doctor, runs the tests (which then
 # skip) and the smoke script on the CPU, marks the GPU parts skipped, and exits 0.
@@ -179,6 +180,19 @@ if [ -n "$gpu_name" ]; then
         -exec cp {} "$out_dir/bench-results/" \;
 else
     skip bench "no GPU"
+fi
+
+# ---- 4b. token_logprobs at a real LM head's size, against eager (torch.compile left out: its
+# compile would take most of the part's time)
+if [ -n "$gpu_name" ]; then
+    before=$(date +%s)
+    run_part logprobs 90 "$py" benches/bench_logprobs.py --device cuda --n 8192 --h 4096 \
+        --v 151936 --dtypes bfloat16 --reps 3 --no-compile
+    mkdir -p "$out_dir/bench-results"
+    find bench-results -maxdepth 1 -name 'token-logprobs-cuda*' -newermt "@$before" \
+        -exec cp {} "$out_dir/bench-results/" \;
+else
+    skip logprobs "no GPU"
 fi
 
 # ---- 5. the demo on the GPU, a few steps

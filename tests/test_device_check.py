@@ -78,7 +78,7 @@ def test_prepare_and_check_without_gpu(tmp_path):
     assert "self-check" in (out_dir / "doctor.log").read_text()
     assert "skipped" in (out_dir / "tests-collect.log").read_text()
     assert "all ops ran on cpu" in (out_dir / "smoke-cpu.log").read_text()
-    for part in ("tests", "memcheck", "racecheck", "bench", "demo"):
+    for part in ("tests", "memcheck", "racecheck", "bench", "logprobs", "demo"):
         assert f"{part:<13} skipped: no GPU" in summary, summary
     assert "all parts that ran passed" in summary
 
