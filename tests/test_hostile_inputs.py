@@ -158,6 +158,12 @@ def check_anchors(token_ids, response_mask, markers, **opts):
     assert got.tolist() == find_anchors_loop(token_ids, response_mask, markers, **opts)
 
 
+def _unpadded_rows_on_meta() -> None:
+    positions = torch.zeros(4, 2, dtype=torch.int64, device="meta")
+    out = ha.unpadded_rows(positions, torch.ones(4, 9, dtype=torch.int64, device="meta"))
+    assert out.device.type == "meta" and out.shape == (4, 2) and out.dtype == torch.int64
+
+
 def _unpadded_loop(positions: torch.Tensor, attention_mask: torch.Tensor) -> list:
     """Row of each position in ``hidden[attention_mask.bool()]``, counted one by one."""
     kept = (attention_mask != 0).tolist()
@@ -922,9 +928,9 @@ def _rows_rows() -> list:
             "attention_mask: expected a torch.Tensor, got NoneType", dict(attention_mask=None)),
         err("rows-meta-positions", R, "meta positions with a CPU mask", ha.DeviceError,
             "positions: expected a tensor on cpu", dict(positions=_meta_of("positions")), **ISO),
-        err("rows-meta-all", R, "both on the meta device", ha.DeviceError,
-            "attention_mask: expected a tensor on cpu or cuda, got one on meta",
-            _each(_meta, ("positions", "attention_mask")), **ISO),
+        ok("rows-meta-all", R, "both on the meta device",
+           "a meta int64 result of the shape of `positions` (torch ops only, no data read)",
+           run=_unpadded_rows_on_meta, **ISO),
         err("rows-float-mask", R, "a float mask (with a NaN)", ha.DtypeError,
             "attention_mask: expected bool or integer",
             dict(attention_mask=lambda b: _set(b["attention_mask"].float(), (0, 0), NAN))),

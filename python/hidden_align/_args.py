@@ -15,9 +15,10 @@ def require_tensor(name: str, value, optional: bool = False) -> None:
         raise ArgumentError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
 
 
-def same_device(first: tuple, *others: tuple) -> None:
+def same_device(first: tuple, *others: tuple, allow_meta: bool = False) -> None:
     """Each ``(name, tensor)`` in ``others`` (None allowed) is on the device of ``first``, which
-    is not the meta device."""
+    is not the meta device unless ``allow_meta`` (an op of torch ops alone, which reads no
+    data)."""
     name0, t0 = first
     for name, t in others:
         if t is not None and t.device != t0.device:
@@ -25,7 +26,8 @@ def same_device(first: tuple, *others: tuple) -> None:
                 f"{name}: expected a tensor on {t0.device} (the device of {name0}), "
                 f"got one on {t.device}"
             )
-    check_data_device(name0, t0)
+    if not allow_meta:
+        check_data_device(name0, t0)
 
 
 def moves_to(source: torch.device, target: torch.device) -> bool:

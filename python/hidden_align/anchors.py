@@ -218,7 +218,8 @@ def unpadded_rows(positions: torch.Tensor, attention_mask: torch.Tensor) -> torc
     """
     require_tensor("positions", positions)
     require_tensor("attention_mask", attention_mask)
-    same_device(("attention_mask", attention_mask), ("positions", positions))
+    # Torch ops alone, no data read: meta tensors give a meta result (shape inference).
+    same_device(("attention_mask", attention_mask), ("positions", positions), allow_meta=True)
     if attention_mask.dim() != 2:
         raise ShapeError(
             f"attention_mask: expected a [B, T] tensor, got shape {list(attention_mask.shape)}"
