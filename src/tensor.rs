@@ -336,6 +336,20 @@ impl TensorRef<'_> {
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) })
     }
 
+    /// Fails unless the tensor is contiguous with `shape` and `dtype` (outputs and scratch
+    /// allocated by the Python layer).
+    pub fn expect_buffer(&self, shape: &[usize], dtype: DType) -> Result<()> {
+        self.expect_dtype(&[dtype])?;
+        if self.shape() != shape || !self.is_contiguous() {
+            return Err(Error::shape(
+                self.name(),
+                format!("a contiguous {shape:?}"),
+                self.shape(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Borrows a contiguous CPU tensor of type `T` as a slice.
     pub fn as_slice<T: HasDType>(&self) -> Result<&[T]> {
         let n = self.contiguous_cpu_len::<T>()?;

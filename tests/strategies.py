@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from dapo_cases import MODES
 from hypothesis import strategies as st
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -313,13 +314,7 @@ def splits(draw, batch: int, max_parts=4):
 
 # ---- DAPO ------------------------------------------------------------------------------------
 
-AGG_MODES = [
-    "token-mean",
-    "token-sum",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-]
+AGG_MODES = MODES  # every verl loss_agg_mode (tests/dapo_cases.py)
 MASK_DTYPES = [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64]
 
 

@@ -47,23 +47,28 @@ def default_chunk_size(vocab: int, dtype: torch.dtype, device: torch.device) -> 
     """Rows per chunk when ``chunk_size`` is not given: the rows of logits that fit the
     device's chunk budget (32 MiB on the CPU, 512 MiB on CUDA), at least 1."""
     budget = _CHUNK_BYTES.get(device.type, _CHUNK_BYTES["cuda"])
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(1, budget // max(1, vocab * itemsize))
+    return max(1, budget // max(1, vocab * dtype.itemsize))
 
 
-def _chunk_logits(out, h, weight, bias):
-    """``out = h @ weight.T (+ bias)``, written into the reused buffer ``out``."""
-    if bias is None:
-        torch.mm(h, weight.t(), out=out)
-    else:
-        torch.addmm(bias, h, weight.t(), out=out)
-    return out
+def _chunks(h, weight, bias, chunk):
+    """``(start, end, logits)`` of each chunk of rows of ``h``: ``logits = h[start:end] @
+    weight.T (+ bias)``, written into one buffer reused by every chunk."""
+    n = h.shape[0]
+    buffer = torch.empty(min(chunk, n), weight.shape[0], dtype=h.dtype, device=h.device)
+    for s in range(0, n, chunk):
+        e = min(s + chunk, n)
+        z = buffer[: e - s]
+        if bias is None:
+            torch.mm(h[s:e], weight.t(), out=z)
+        else:
+            torch.addmm(bias, h[s:e], weight.t(), out=z)
+        yield s, e, z
 
 
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, want_entropy, chunk, ignore):
-        n, vocab = hidden.shape[0], weight.shape[0]
+        n = hidden.shape[0]
         acc = accumulator(hidden.dtype)
         logprob = torch.empty(n, dtype=acc, device=hidden.device)
         # Per token the max and the log-sum of its logits, for the backward pass.
@@ -72,10 +77,7 @@ class _TokenLogprobs(torch.autograd.Function):
         stream = stream_of(hidden)
         h, w = hidden.detach(), weight.detach()
         b = None if bias is None else bias.detach()
-        buffer = torch.empty(min(chunk, n), vocab, dtype=hidden.dtype, device=hidden.device)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            z = _chunk_logits(buffer[: e - s], h[s:e], w, b)
+        for s, e, z in _chunks(h, w, b, chunk):
             _native.token_logprobs_forward(
                 z,
                 targets[s:e],
@@ -127,7 +129,7 @@ class _TokenLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logprob is None and grad_entropy is None:
             return None, None, None
-        n, vocab = hidden.shape[0], weight.shape[0]
+        vocab = weight.shape[0]
         h, w = hidden.detach(), weight.detach()
         b = None if bias is None else bias.detach()
         acc = accumulator(weight.dtype)
@@ -138,10 +140,7 @@ class _TokenLogprobs(torch.autograd.Function):
         partial = torch.empty_like(w) if need_w and w.dtype != acc else None
         grad_b = torch.zeros(vocab, dtype=acc, device=w.device) if need_b else None
         stream = stream_of(hidden)
-        buffer = torch.empty(min(chunk, n), vocab, dtype=h.dtype, device=h.device)
-        for s in range(0, n, chunk):
-            e = min(s + chunk, n)
-            z = _chunk_logits(buffer[: e - s], h[s:e], w, b)
+        for s, e, z in _chunks(h, w, b, chunk):
             _native.token_logprobs_backward(
                 z,
                 targets[s:e],

@@ -279,16 +279,7 @@ pub fn stride(t: &TensorRef, d: usize) -> i64 {
 
 /// Fails unless `t` is contiguous with `shape` and `dtype` (outputs and scratch from Python).
 pub fn expect_buffer(t: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
-    t.expect_dtype(&[dtype])?;
-    // An empty tensor's strides are arbitrary; there is nothing to address.
-    if t.shape() != shape || (t.numel() > 0 && !t.is_contiguous()) {
-        return Err(Error::shape(
-            t.name(),
-            format!("a contiguous {shape:?}"),
-            t.shape(),
-        ));
-    }
-    Ok(())
+    t.expect_buffer(shape, dtype)
 }
 
 /// The scratch tensor the kernel backend needs as `name`, checked as [`expect_buffer`].

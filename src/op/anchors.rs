@@ -78,7 +78,7 @@ impl FindAnchors<'_> {
         }
         for m in [&self.marker_tokens, &self.marker_offsets] {
             m.expect_dtype(&[DType::I64])?;
-            if m.ndim() != 1 || (m.numel() > 0 && !m.is_contiguous()) {
+            if m.ndim() != 1 || !m.is_contiguous() {
                 return Err(Error::shape(m.name(), "a contiguous 1-d tensor", m.shape()));
             }
         }

@@ -77,19 +77,6 @@ fn check_chunk(logits: &TensorRef, targets: &TensorRef) -> Result<(usize, usize)
     Ok((n, v))
 }
 
-/// Fails unless `t` is a contiguous tensor of `shape` and `dtype`.
-fn check_buffer(t: &TensorRef, shape: &[usize], dtype: DType) -> Result<()> {
-    t.expect_dtype(&[dtype])?;
-    if t.shape() != shape || (t.numel() > 0 && !t.is_contiguous()) {
-        return Err(Error::shape(
-            t.name(),
-            format!("a contiguous {shape:?}"),
-            t.shape(),
-        ));
-    }
-    Ok(())
-}
-
 /// The forward pass over one chunk.
 pub struct LogprobForward<'a> {
     /// `[n, V]` float32, bfloat16, float16 or float64; rows of contiguous columns.
@@ -115,10 +102,10 @@ impl LogprobForward<'_> {
     pub fn check(&self, out: &LogprobOutputs) -> Result<(usize, usize)> {
         let (n, v) = check_chunk(&self.logits, &self.targets)?;
         let dtype = result_dtype(self.logits.dtype());
-        check_buffer(&out.logprob, &[n], dtype)?;
-        check_buffer(&out.stats, &[n, 2], dtype)?;
+        out.logprob.expect_buffer(&[n], dtype)?;
+        out.stats.expect_buffer(&[n, 2], dtype)?;
         if let Some(e) = &out.entropy {
-            check_buffer(e, &[n], dtype)?;
+            e.expect_buffer(&[n], dtype)?;
         }
         Ok((n, v))
     }
@@ -156,7 +143,7 @@ impl LogprobBackward<'_> {
             ));
         }
         let dtype = result_dtype(self.logits.dtype());
-        check_buffer(&self.stats, &[n, 2], dtype)?;
+        self.stats.expect_buffer(&[n, 2], dtype)?;
         for g in [&self.grad_logprob, &self.grad_entropy]
             .into_iter()
             .flatten()
@@ -167,7 +154,7 @@ impl LogprobBackward<'_> {
             }
         }
         match (&self.entropy, &self.grad_entropy) {
-            (Some(e), _) => check_buffer(e, &[n], dtype)?,
+            (Some(e), _) => e.expect_buffer(&[n], dtype)?,
             (None, Some(_)) => {
                 return Err(Error::value(
                     "entropy",
