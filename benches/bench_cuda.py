@@ -1,7 +1,8 @@
 """GPU benchmark of every op of the CUDA backend against the eager PyTorch formulation users run
 today (verl's functions where they exist) and ``torch.compile`` of it, timed with CUDA events
 in one run, providers interleaved. Also prints the achieved fraction of the measured
-device-to-device copy bandwidth, counting for each op the bytes of its floor (DESIGN section 6).
+device-to-device copy bandwidth, counting for each op the bytes of its floor (docs/design.md
+section 12).
 
 Usage: python benches/bench_cuda.py [--reps 50] [--no-compile]
 Needs a CUDA GPU; exits with the reason from ``hidden_align.cuda_status()`` otherwise.

@@ -49,9 +49,16 @@ echo "== packaging: release abi3 wheel, auditwheel, clean virtual environment, s
 bash scripts/check_packaging.sh
 
 echo "== pytest with torch 2.11 (verl 0.9.1's pin), in a virtual environment over this one"
+# The environment sees every package of the active one (system Python, venv or conda env), with
+# its own torch first: scripts/overlay_venv.sh says how.
 venv=target/venv-torch2.11
-if [ ! -x "$venv/bin/python" ]; then
-    python -m venv --system-site-packages "$venv"
+bash scripts/overlay_venv.sh "$venv"
+# What the tests need from the active environment, checked in one line instead of a collection
+# error per test file.
+if ! err=$("$venv/bin/python" -c 'import hidden_align, numpy, pytest' 2>&1); then
+    echo "test.sh: $venv does not see the packages of $(python -c 'import sys; print(sys.prefix)'):" \
+        "${err##*$'\n'}" >&2
+    exit 1
 fi
 "$venv/bin/python" -m pip install --quiet "torch==2.11.0"
 "$venv/bin/python" -c 'import torch; assert torch.__version__.startswith("2.11"), torch.__version__'

@@ -1,4 +1,5 @@
-"""Pure-torch references written from the formulas in DESIGN section 3 (not from the kernels).
+"""Pure-torch references written from the formulas of docs/design.md (sections 3 and 5), not
+from the kernels.
 
 Explicit loops over groups and pairs; run them in float64. Shared by tests and benches.
 """
@@ -124,7 +125,7 @@ def eager_alignment_loss(hidden, index, rewards, group_size, eps=1e-8):
     return (per_group * valid).sum() / valid.sum().clamp_min(1)
 
 
-# ---- DAPO (DESIGN section 4) ----------------------------------------------------------------
+# ---- DAPO (docs/design.md section 5) --------------------------------------------------------
 
 
 def grpo_advantages(scores, labels, eps=1e-6, norm_by_std=True):

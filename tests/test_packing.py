@@ -58,7 +58,8 @@ def test_every_position_matches_explicit_unpad():
 
 
 def test_response_rows_follow_cu_seqlens():
-    # DESIGN: response token j of sequence b (length r_b) is row cu_seqlens[b + 1] - r_b + j.
+    # docs/design.md section 2: response token j of sequence b (length r_b) is row
+    # cu_seqlens[b + 1] - r_b + j.
     mask, _, response = verl_batch()
     cu = cu_seqlens_of(mask)
     for b in range(mask.shape[0]):

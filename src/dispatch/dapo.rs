@@ -1,6 +1,6 @@
-//! DAPO token-level computations with verl's semantics (DESIGN section 4): group advantages,
-//! the dynamic-sampling filter, overlong shaping, and the clipped policy loss with its
-//! aggregation modes, fused forward and backward.
+//! DAPO token-level computations with verl's semantics (docs/design.md section 5): group
+//! advantages, the dynamic-sampling filter, overlong shaping, and the clipped policy loss with
+//! its aggregation modes, fused forward and backward.
 
 use super::{Backend, select};
 use crate::cpu;

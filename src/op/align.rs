@@ -7,7 +7,7 @@ use crate::op::anchor_plan::Anchors;
 use crate::op::groups::Grouping;
 use crate::tensor::TensorRef;
 
-/// The per-group loss (DESIGN section 3).
+/// The per-group loss (docs/design.md section 3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LossType {
     /// Mean pairwise `1 - cos` over ordered pairs of correct anchors, in O(n H).
