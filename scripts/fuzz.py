@@ -511,6 +511,35 @@ def t_find_anchors(d: Draw, guards: list):
     return call
 
 
+def _text_markers(d: Draw):
+    """Marker texts over a small byte vocabulary (token v spells one or two letters)."""
+    from tokenizers import Tokenizer, decoders, models
+
+    letters = "ab:{"
+    vocab = {c: i for i, c in enumerate(letters)}
+    vocab.update({a + b: len(vocab) + i for i, (a, b) in enumerate(zip(letters, letters[1:]))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="a"))
+    tok.decoder = decoders.ByteLevel()
+    strings = ["".join(d.pick(letters) for _ in range(d.int(1, 3))) for _ in range(d.int(1, 2))]
+    return ha.text_markers(tok, strings)
+
+
+def t_find_text_anchors(d: Draw, guards: list):
+    batch, seq = d.int(0, 5), d.int(0, 8)
+    ids = arg(d, [batch, seq], [torch.int64, torch.int32], "label", guards, "token_ids")
+    resp = arg(d, [batch, seq], [torch.bool, torch.int64, torch.float32], "flag", guards, "mask")
+    markers = _text_markers(d)
+    if d.chance(3):
+        markers = [markers, [d.int(0, 3)]] if d.bool() else [markers, markers]
+    occurrence = d.option(["last", "first"])
+    offset = d.option([-1, 0, 1, -5, 2**62, -(2**63)])
+
+    def call():
+        ha.find_anchors(ids, resp, markers, occurrence=occurrence, offset=offset)
+
+    return call
+
+
 def t_unpadded_rows(d: Draw, guards: list):
     batch, seq = d.int(0, 5), d.int(0, 6)
     shape = [batch] if d.bool() else [batch, d.int(0, 3)]
@@ -867,6 +896,52 @@ def n_find_anchors(d: Draw, guards: list):
     return call
 
 
+def _bytes_and_offsets(d: Draw, guards: list, pieces: int, name: str) -> tuple:
+    """A uint8 buffer and offsets cutting it into ``pieces``: well formed, or not."""
+    size = d.int(0, 8)
+    data = arg(d, [size], [torch.uint8], "label", guards, f"{name}_bytes")
+    offsets = [0] + sorted(d.int(0, size) for _ in range(pieces))
+    if d.chance(3):
+        offsets = [d.int(-3, size + 3) for _ in offsets]
+    offsets = torch.tensor(offsets, dtype=torch.int64)
+    if d.chance(5):
+        offsets = arg(d, [offsets.numel()], [torch.int64], "index", guards, f"{name}_offsets")
+    return data, offsets
+
+
+def n_find_text_anchors(d: Draw, guards: list):
+    batch, seq = d.int(0, 5), d.int(0, 8)
+    ids = arg(d, [batch, seq], [torch.int64, torch.int32], "label", guards, "token_ids")
+    resp = arg(d, [batch, seq], [torch.bool, torch.int64, torch.float32], "flag", guards, "mask")
+    size = d.int(0, 4)
+    vocab = _bytes_and_offsets(d, guards, size, "vocab")
+    starts = arg(d, [size], [torch.uint8], "flag", guards, "token_starts")
+    markers = _bytes_and_offsets(d, guards, d.int(0, 2), "marker")
+    occurrence = d.native_option(["last", "first"])
+    offset = d.native_option([-1, 0, 2**63 - 1, -(2**63)])
+    out = out_arg(d, [batch], torch.int64, guards, "out")
+    stream = _stream(d)
+
+    def call():
+        _native.find_text_anchors(
+            ids, resp, *vocab, starts, *markers, occurrence, offset, out, stream
+        )
+
+    return call
+
+
+def n_text_marker_starts(d: Draw, guards: list):
+    size = d.int(0, 4)
+    vocab = _bytes_and_offsets(d, guards, size, "vocab")
+    markers = _bytes_and_offsets(d, guards, d.int(0, 2), "marker")
+    out = out_arg(d, [size], torch.uint8, guards, "out")
+
+    def call():
+        _native.text_marker_starts(*vocab, *markers, out)
+
+    return call
+
+
 def n_uid_group_ids(d: Draw, guards: list):
     items = [d.pick(["a", "b", b"c", 3, None, 1.5]) for _ in range(d.int(0, 5))]
     uids = items if not d.chance(5) else d.anything(scalar=True)
@@ -892,6 +967,7 @@ PUBLIC = [
     t_loss_reference,
     t_group_anchor_stats,
     t_find_anchors,
+    t_find_text_anchors,
     t_unpadded_rows,
     t_group_advantages,
     t_dynamic_sampling,
@@ -909,6 +985,8 @@ NATIVE = [
     n_policy_forward,
     n_policy_backward,
     n_find_anchors,
+    n_find_text_anchors,
+    n_text_marker_starts,
     n_uid_group_ids,
     n_data_ptr,
 ]

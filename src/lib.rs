@@ -23,7 +23,7 @@ mod _native {
     #[pymodule_export]
     use crate::py::align::{align_backward, align_forward, data_ptr, scatter_add_rows};
     #[pymodule_export]
-    use crate::py::anchors::{find_anchors, uid_group_ids};
+    use crate::py::anchors::{find_anchors, find_text_anchors, text_marker_starts, uid_group_ids};
     #[pymodule_export]
     use crate::py::backend::{
         compile_kernels, cuda_status, get_backend, kernel_programs, prepare_cuda, set_backend,

@@ -288,6 +288,38 @@ def test_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_p
                 torch.testing.assert_close(got - zero, ref, rtol=1e-4, atol=1e-6)
 
 
+def test_markers_in_tool_output_are_not_anchors(tokenizer, markers, tmp_path):
+    """TRL marks tool results and environment output with tool_mask 0 and leaves them out of
+    its loss: a marker a tool printed there must not become the anchor."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(HiddenAlignGRPOTrainer, tokenizer, tmp_path, align_markers=markers)
+        batch = next(iter(trainer.get_train_dataloader()))
+        inputs = dict(trainer._generate_and_score_completions(batch))
+    completion_ids = inputs["completion_ids"].clone()
+    completion_mask = inputs["completion_mask"].clone()
+    # A tool's output closes every completion and prints a marker token three times.
+    completion_ids[:, -3:] = markers[0][0]
+    completion_mask[:, -3:] = 1
+    tool_mask = torch.ones_like(completion_mask)
+    tool_mask[:, -3:] = 0
+    inputs.update(completion_ids=completion_ids, completion_mask=completion_mask)
+    batch_size, width = completion_ids.shape
+    total = inputs["prompt_ids"].shape[1] + width
+    hidden = torch.randn(batch_size, total, 8)
+
+    _, plain = trainer.compute_align_loss(inputs, hidden)
+    assert (plain["anchors"] == total - 2).all()  # the tool's last marker
+    inputs["tool_mask"] = tool_mask
+    _, tooled = trainer.compute_align_loss(inputs, hidden)
+    assert (tooled["anchors"] <= total - 5).all()  # before the tool's output, or none
+    model_text = torch.cat(
+        [torch.zeros_like(inputs["prompt_mask"]), completion_mask * tool_mask], 1
+    )
+    token_ids = torch.cat([inputs["prompt_ids"], completion_ids], 1)
+    assert torch.equal(tooled["anchors"], ha.find_anchors(token_ids, model_text, markers))
+
+
 def test_arguments_are_checked(tokenizer, markers, tmp_path):
     with pytest.raises(ha.ArgumentError, match="align_markers: required"):
         HiddenAlignGRPOTrainer(model=None, reward_funcs=[correct])
@@ -325,4 +357,5 @@ def test_arguments_are_checked(tokenizer, markers, tmp_path):
             align_layer=-1,
         )
     assert trainer.align_reward == "brevity"  # the first, by default
-    assert trainer.align_markers == ha.marker_token_ids(tokenizer, ["Answer:"]) + [[5, 7]]
+    text, ids = trainer.align_markers  # strings as text, id lists as given
+    assert isinstance(text, ha.TextMarkers) and text.strings == ("Answer:",) and ids == [5, 7]

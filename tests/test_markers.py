@@ -4,6 +4,7 @@ a byte-level one (GPT-2 / Qwen style, the space glued to the next word) and a Me
 hold it at the token where the marker's characters start."""
 
 import pytest
+import torch
 import transformers
 from tokenizers import (
     Tokenizer,
@@ -237,3 +238,64 @@ def test_bad_tokenizer_and_contexts(byte_level):
         ha.marker_token_ids(byte_level, "Answer:", before=[])
     with pytest.raises(ha.ArgumentError, match="after"):
         ha.marker_token_ids(byte_level, "Answer:", after=[None])
+
+
+# ---- markers as text ---------------------------------------------------------------------------
+
+# Texts where the marker merges with its neighbours in ways no default spelling covers.
+MERGED = [
+    *TEXTS,
+    ("the value is $\\boxed{5}$", "\\boxed{"),
+    ("so \\boxed{\\frac{1}{2}}", "\\boxed{"),
+    ("hence:\\boxed{3}", "\\boxed{"),
+    ("thus**Answer:** 4", "Answer:"),
+    ("the result.Answer: 9", "Answer:"),
+]
+
+
+@pytest.mark.parametrize("how", ["tokenizers", "transformers"])
+def test_text_markers_find_every_merge(tok, how):
+    markers = ha.text_markers(wrap(tok, how), ["Answer:", "\\boxed{"])
+    for text, marker in MERGED:
+        ids, holder = marker_token(tok, text, marker)
+        got = ha.find_anchors(torch.tensor([ids]), torch.ones(1, len(ids)), markers)
+        assert got.tolist() == [holder - 1], (text, tok.encode(text).tokens)
+
+
+def test_token_bytes_spell_the_text(tok):
+    from hidden_align.text_markers import token_bytes
+
+    spelled = token_bytes(tok)
+    unknown = tok.token_to_id("<unk>")
+    for text, _ in MERGED:
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if unknown in ids:
+            continue  # a character the small corpus never saw
+        # Metaspace prepends a space to the text; byte-level keeps it as it is.
+        assert b"".join(spelled[i] for i in ids).decode().lstrip(" ") == text
+
+
+def test_text_markers_and_spellings_together(byte_level):
+    text = ha.text_markers(byte_level, "\\boxed{")
+    ids = byte_level.encode("Answer: 3 and \\boxed{3}", add_special_tokens=False).ids
+    answer = byte_level.encode("Answer:", add_special_tokens=False).ids
+    row, mask = torch.tensor([ids]), torch.ones(1, len(ids))
+    boxed_at = int(ha.find_anchors(row, mask, text, offset=0))
+    assert ha.find_anchors(row, mask, [text, answer], offset=0).tolist() == [boxed_at]
+    first = ha.find_anchors(row, mask, [answer, text], occurrence="first", offset=0)
+    assert first.tolist() == [0]
+    assert ha.find_anchors(row, mask, [text, answer], occurrence="first").tolist() == [-1]
+    assert ha.find_anchors(row, mask, [text], offset=1).tolist() == [boxed_at + 1]
+    assert ha.find_anchors(row, mask, [text, answer], offset=2**62).tolist() == [-1]
+
+
+def test_text_markers_errors(byte_level):
+    with pytest.raises(ha.ArgumentError, match="tokenizer: expected"):
+        ha.text_markers(object(), "Answer:")
+    for bad, match in [("", "non-empty str"), ([], "non-empty list"), ([3], "non-empty str")]:
+        with pytest.raises(ha.ArgumentError, match=f"strings: expected .*{match}"):
+            ha.text_markers(byte_level, bad)
+    text = ha.text_markers(byte_level, "Answer:")
+    with pytest.raises(ha.ArgumentError, match="markers: expected at most one TextMarkers"):
+        ha.find_anchors(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3), [text, text])
+    assert repr(text).startswith("TextMarkers(['Answer:']")

@@ -23,6 +23,7 @@ from .errors import (
 from .logprobs import token_logprobs
 from .row_reference import RowReference
 from .stats import GroupAnchorStats, group_anchor_stats
+from .text_markers import TextMarkers, text_markers
 
 __all__ = [
     "ArgumentError",
@@ -34,6 +35,7 @@ __all__ = [
     "KernelError",
     "RowReference",
     "ShapeError",
+    "TextMarkers",
     "__version__",
     "backend",
     "cuda_status",
@@ -45,6 +47,7 @@ __all__ = [
     "marker_token_ids",
     "prepare_cuda",
     "set_backend",
+    "text_markers",
     "token_logprobs",
     "unpadded_rows",
 ]

@@ -127,6 +127,26 @@ def find_anchors(
     out: torch.Tensor,
     stream: int | None = None,
 ) -> None: ...
+def find_text_anchors(
+    token_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    vocab_bytes: torch.Tensor,
+    vocab_offsets: torch.Tensor,
+    token_starts: torch.Tensor,
+    marker_bytes: torch.Tensor,
+    marker_offsets: torch.Tensor,
+    occurrence: str,
+    offset: int,
+    out: torch.Tensor,
+    stream: int | None = None,
+) -> None: ...
+def text_marker_starts(
+    vocab_bytes: torch.Tensor,
+    vocab_offsets: torch.Tensor,
+    marker_bytes: torch.Tensor,
+    marker_offsets: torch.Tensor,
+    out: torch.Tensor,
+) -> None: ...
 def uid_group_ids(uids: Iterable[object], out: torch.Tensor) -> None: ...
 def token_logprobs_forward(
     logits: torch.Tensor,

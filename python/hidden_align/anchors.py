@@ -6,7 +6,10 @@ precedes the marker (a tokenizer may spell it several ways); and in the packed l
 (verl's ``use_remove_padding``) a position in the padded ``[B, T]`` grid must become a row of the
 unpadded ``[N, H]`` hidden states.
 
-* :func:`marker_token_ids`: every spelling of a marker under a Hugging Face tokenizer.
+* :func:`hidden_align.text_markers` (module :mod:`hidden_align.text_markers`): markers matched
+  as text, whatever tokens spell them; the way to find anchors under a real tokenizer.
+* :func:`marker_token_ids`: the spellings of a marker under a Hugging Face tokenizer in the
+  contexts it is shown, for matching token ids exactly.
 * :func:`find_anchors`: per rollout, the anchor next to the marker's last (or first) match.
 * :func:`unpadded_rows`: padded positions to rows of ``hidden[attention_mask.bool()]``.
 """
@@ -21,6 +24,7 @@ from . import _native
 from ._args import check_choice, check_int, require_tensor, same_device
 from ._backend import stream_of
 from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
+from .text_markers import TextMarkers
 
 __all__ = ["find_anchors", "marker_token_ids", "unpadded_rows"]
 
@@ -294,6 +298,50 @@ def _marker_tensors(markers) -> tuple:
     return torch.tensor(flat, dtype=torch.int64), torch.tensor(offsets, dtype=torch.int64)
 
 
+def _marker_kinds(markers) -> tuple:
+    """``(text markers or None, token-id spellings or None)`` of ``markers``: a
+    :class:`TextMarkers`, or a list of token-id sequences and at most one :class:`TextMarkers`."""
+    if isinstance(markers, TextMarkers):
+        return markers, None
+    if isinstance(markers, Sequence) and not isinstance(markers, (str, bytes)):
+        texts = [m for m in markers if isinstance(m, TextMarkers)]
+        if len(texts) > 1:
+            raise ArgumentError(
+                "markers: expected at most one TextMarkers (give every marker text to one "
+                f"text_markers call), got {len(texts)}"
+            )
+        if texts:
+            ids = [m for m in markers if not isinstance(m, TextMarkers)]
+            return texts[0], (ids or None)
+    return None, markers
+
+
+def _place(start: torch.Tensor, offset: int, cols: int) -> torch.Tensor:
+    """``start + offset`` where ``start >= 0`` and the sum lies in ``[0, cols)``, else -1;
+    never forming a sum outside ``[0, cols)``."""
+    lo, hi = max(0, -offset), min(cols - offset, 2**63 - 1)  # valid starts: lo <= s < hi
+    if hi <= lo:
+        return torch.full_like(start, -1)
+    valid = (start >= lo) & (start < hi)
+    return torch.where(valid, start.clamp(lo, hi - 1) + offset, -1)
+
+
+def _native_find(token_ids, response_mask, text, spellings, occurrence, offset, out):
+    """One native scan, over marker texts or over token-id spellings (``_marker_tensors``)."""
+    stream = stream_of(token_ids)
+    if text is not None:
+        tensors = text.tensors(token_ids.device)
+        _native.find_text_anchors(
+            token_ids, response_mask, *tensors, occurrence, offset, out, stream
+        )
+        return
+    flat, offsets = spellings
+    if token_ids.device.type != "cpu":
+        flat = flat.to(token_ids.device, non_blocking=True)
+        offsets = offsets.to(token_ids.device, non_blocking=True)
+    _native.find_anchors(token_ids, response_mask, flat, offsets, occurrence, offset, out, stream)
+
+
 def find_anchors(
     token_ids: torch.Tensor,
     response_mask: torch.Tensor,
@@ -305,8 +353,10 @@ def find_anchors(
     """Per rollout, the anchor position next to its answer marker, found from the token ids.
 
     A match is a spelling of the marker whose tokens all lie inside the response
-    (``response_mask`` nonzero). ``occurrence="last"`` takes the match with the greatest start
-    over all spellings, ``"first"`` the smallest; at an equal start the longest spelling wins.
+    (``response_mask`` nonzero), or, for markers given as text (:func:`hidden_align.text_markers`,
+    the way under a real tokenizer), a run of response tokens whose bytes hold the marker's
+    text, starting at the token that holds its first character. ``occurrence="last"`` takes
+    the match with the greatest start over all markers, ``"first"`` the smallest.
     The result is ``start + offset`` in ``token_ids``' own coordinates: ``offset=-1`` (default)
     is the token right before the marker, the paper's anchor; ``0`` is the marker's first
     token; any int is allowed (the paper ablates the anchor position). A rollout without a
@@ -323,9 +373,11 @@ def find_anchors(
             strides.
         response_mask: ``[B, T]`` bool, integer or float (nonzero: a response token), on the
             device of ``token_ids``.
-        markers: a list of token-id sequences (lists of ints or 1-D integer tensors, any
-            lengths): several spellings of one marker (see :func:`marker_token_ids`) or several
-            markers. They are read on the host.
+        markers: a :class:`~hidden_align.TextMarkers` (marker texts under a tokenizer, from
+            :func:`hidden_align.text_markers`), or a list of token-id sequences (lists of ints
+            or 1-D integer tensors, any lengths: spellings matched token for token, see
+            :func:`marker_token_ids`; read on the host), which may also hold one
+            ``TextMarkers``: then the earliest or latest match of either kind wins.
         occurrence: ``"last"`` (default) or ``"first"``.
         offset: the anchor's distance from the match start.
 
@@ -351,22 +403,21 @@ def find_anchors(
     check_int("offset", offset, optional=False)
     if not -(2**63) <= offset < 2**63:
         raise ArgumentError(f"offset: expected an int that fits int64, got {offset}")
-    flat, offsets = _marker_tensors(markers)
-    device = token_ids.device
-    if device.type != "cpu":
-        flat = flat.to(device, non_blocking=True)
-        offsets = offsets.to(device, non_blocking=True)
-    out = torch.empty(
-        token_ids.shape[0] if token_ids.dim() else 0, dtype=torch.int64, device=device
-    )
-    _native.find_anchors(
-        token_ids.detach(),
-        response_mask.detach(),
-        flat,
-        offsets,
-        occurrence,
-        offset,
-        out,
-        stream_of(token_ids),
-    )
-    return out
+    text, spellings = _marker_kinds(markers)
+    if text is None or spellings is not None:
+        spellings = _marker_tensors(spellings)  # checked: anything but TextMarkers lands here
+    token_ids, response_mask = token_ids.detach(), response_mask.detach()
+    rows = token_ids.shape[0] if token_ids.dim() else 0
+    out = torch.empty(rows, dtype=torch.int64, device=token_ids.device)
+    if text is None or spellings is None:  # one kind of marker
+        _native_find(token_ids, response_mask, text, spellings, occurrence, offset, out)
+        return out
+    # Both kinds: each scan gives its match start; the winner is shifted by the offset here.
+    other = torch.empty_like(out)
+    _native_find(token_ids, response_mask, text, None, occurrence, 0, out)
+    _native_find(token_ids, response_mask, None, spellings, occurrence, 0, other)
+    if occurrence == "last":
+        start = torch.maximum(out, other)
+    else:
+        start = torch.where((out < 0) | ((other >= 0) & (other < out)), other, out)
+    return _place(start, offset, token_ids.shape[1])

@@ -1,9 +1,10 @@
 //! `find_anchors` on the CPU: each row scanned from the end (last occurrence) or the start
-//! (first), stopping at the first start column where a spelling matches.
+//! (first), stopping at the first start column where a spelling (or a marker text) matches.
 
 use super::float::Strided2;
 use super::{Bound, map_range};
-use crate::op::anchors::{FindAnchors, Occurrence, place};
+use crate::error::Result;
+use crate::op::anchors::{FindAnchors, Occurrence, TextMarkers, can_start, pieces, place};
 use crate::tensor::Scalar;
 
 /// A token id as stored (int32 or int64), compared exactly as int64.
@@ -87,6 +88,122 @@ pub fn find_anchors<I: TokenId, M: Scalar + Copy>(
     out.copy_from_slice(&anchors);
 }
 
+/// The vocabulary and marker texts of a text search, read from CPU tensors.
+pub struct TextSearch<'a> {
+    bytes: &'a [u8],
+    offsets: &'a [i64],
+    starts: &'a [u8],
+    markers: Vec<&'a [u8]>,
+}
+
+impl<'a> TextSearch<'a> {
+    /// Reads the tensors of `m` (checked by [`TextMarkers::check`]) and the marker texts.
+    pub fn new(m: &'a TextMarkers) -> Result<Self> {
+        Ok(TextSearch {
+            bytes: m.vocab_bytes.as_slice::<u8>()?,
+            offsets: m.vocab_offsets.as_slice::<i64>()?,
+            starts: m.token_starts.as_slice::<u8>()?,
+            markers: pieces("markers", &m.marker_bytes, &m.marker_offsets, true)?,
+        })
+    }
+
+    /// The bytes token `id` spells; None outside the vocabulary (or for malformed offsets,
+    /// which are then never read out of bounds).
+    #[inline]
+    fn token(&self, id: i64) -> Option<&'a [u8]> {
+        let v = usize::try_from(id)
+            .ok()
+            .filter(|&v| v < self.starts.len())?;
+        let (lo, hi) = (self.offsets[v], self.offsets[v + 1]);
+        self.bytes
+            .get(usize::try_from(lo).ok()?..usize::try_from(hi).ok()?)
+    }
+
+    /// Whether a marker may start inside token `id` (the precomputed filter).
+    #[inline]
+    fn may_start(&self, id: i64) -> bool {
+        usize::try_from(id)
+            .ok()
+            .and_then(|v| self.starts.get(v))
+            .is_some_and(|&f| f != 0)
+    }
+}
+
+/// Fills `out` (`[V]`) with 1 where a match of one of `markers` can start inside token v of
+/// `vocab` (its bytes), 0 elsewhere: the filter [`find_text_anchors`] and the kernel apply
+/// before verifying a column.
+pub fn text_marker_starts(vocab: &[&[u8]], markers: &[&[u8]], out: &mut [u8]) {
+    let flags = map_range(vocab.len(), vocab.len() * 8, Bound::Compute, |v| {
+        can_start(vocab[v], markers) as u8
+    });
+    out.copy_from_slice(&flags);
+}
+
+/// Fills `out` (`[B]`) as [`find_anchors`] does, for marker texts: column s matches when a
+/// marker's first byte lies in the token at s and its bytes continue through the following
+/// response tokens.
+pub fn find_text_anchors<I: TokenId, M: Scalar + Copy>(
+    inp: &FindAnchors,
+    (b, t): (usize, usize),
+    search: &TextSearch,
+    out: &mut [i64],
+) {
+    let tokens = Strided2::of(&inp.token_ids);
+    let mask = Strided2::of(&inp.response_mask);
+    // SAFETY (both): r < B and c < T, inside the [B, T] tensors of the stated types.
+    let id = |r: usize, c: usize| unsafe { tokens.get::<I>(r, c).id() };
+    let live = |r: usize, c: usize| unsafe { mask.get::<M>(r, c).to_f64() != 0.0 };
+    // Whether `marker` continues from byte `j` of the token at (r, s) through the response.
+    let continues = |r: usize, s: usize, first: &[u8], marker: &[u8]| -> bool {
+        let (mut rest, mut piece, mut c) = (marker, first, s);
+        loop {
+            let k = piece.len().min(rest.len());
+            if piece[..k] != rest[..k] {
+                return false;
+            }
+            rest = &rest[k..];
+            if rest.is_empty() {
+                return true;
+            }
+            c += 1;
+            if c >= t || !live(r, c) {
+                return false;
+            }
+            match search.token(id(r, c)) {
+                Some(next) => piece = next,
+                None => return false,
+            }
+        }
+    };
+    let matches_at = |r: usize, s: usize| -> bool {
+        let tok = id(r, s);
+        if !search.may_start(tok) || !live(r, s) {
+            return false;
+        }
+        let Some(bytes) = search.token(tok) else {
+            return false;
+        };
+        (0..bytes.len()).any(|j| {
+            search
+                .markers
+                .iter()
+                .any(|m| continues(r, s, &bytes[j..], m))
+        })
+    };
+    let (occurrence, offset) = (inp.occurrence, inp.offset);
+    let row = |r: usize| -> i64 {
+        let found = match occurrence {
+            Occurrence::Last => (0..t).rev().find(|&s| matches_at(r, s)),
+            Occurrence::First => (0..t).find(|&s| matches_at(r, s)),
+        };
+        found.map_or(-1, |s| place(s, offset, t))
+    };
+    // A table lookup and a branch per column: more work per token than the id scan, so rows
+    // go to the pool from smaller batches.
+    let anchors = map_range(b, b * t, Bound::Compute, row);
+    out.copy_from_slice(&anchors);
+}
+
 /// Columns compared at once by [`scan`]: enough for the compiler to vectorise the comparison
 /// without a branch per element.
 const LANES: usize = 16;
@@ -138,6 +255,7 @@ fn scan<I: TokenId>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::op::anchors::Markers;
     use crate::tensor::TensorRef;
 
     fn run(
@@ -159,14 +277,113 @@ mod tests {
         let inp = FindAnchors {
             token_ids: TensorRef::from_slice("token_ids", &mut tokens, &[b, t]),
             response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
-            marker_tokens: TensorRef::from_slice("marker_tokens", &mut flat, &[nf]),
-            marker_offsets: TensorRef::from_slice("marker_offsets", &mut offsets, &[no]),
+            markers: Markers::Tokens {
+                tokens: TensorRef::from_slice("marker_tokens", &mut flat, &[nf]),
+                offsets: TensorRef::from_slice("marker_offsets", &mut offsets, &[no]),
+            },
             occurrence: occ.parse().unwrap(),
             offset,
         };
+        let Markers::Tokens { tokens, offsets } = &inp.markers else {
+            unreachable!()
+        };
+        let spellings = pieces("markers", tokens, offsets, true).unwrap();
         let mut out = vec![0i64; b];
-        find_anchors::<i32, f32>(&inp, (b, t), &inp.spellings().unwrap(), &mut out);
+        find_anchors::<i32, f32>(&inp, (b, t), &spellings, &mut out);
         out
+    }
+
+    /// Cuts `pieces` into (bytes, offsets).
+    fn packed(pieces: &[&[u8]]) -> (Vec<u8>, Vec<i64>) {
+        let mut offsets = vec![0i64];
+        for p in pieces {
+            offsets.push(offsets.last().unwrap() + p.len() as i64);
+        }
+        (pieces.concat(), offsets)
+    }
+
+    /// The text search over a vocabulary of `vocab` (token v spells `vocab[v]`).
+    fn run_text(
+        tokens: &[i64],
+        t: usize,
+        vocab: &[&[u8]],
+        markers: &[&[u8]],
+        occ: &str,
+    ) -> Vec<i64> {
+        let b = tokens.len() / t;
+        let mut tokens = tokens.to_vec();
+        let mut mask = vec![1u8; tokens.len()];
+        let (mut vb, mut vo) = packed(vocab);
+        let (mut mb, mut mo) = packed(markers);
+        let mut starts: Vec<u8> = vocab.iter().map(|v| can_start(v, markers) as u8).collect();
+        let (nvb, nvo, nmb, nmo, v) = (vb.len(), vo.len(), mb.len(), mo.len(), vocab.len());
+        let inp = FindAnchors {
+            token_ids: TensorRef::from_slice("token_ids", &mut tokens, &[b, t]),
+            response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
+            markers: Markers::Text(TextMarkers {
+                vocab_bytes: TensorRef::from_slice("vocab_bytes", &mut vb, &[nvb]),
+                vocab_offsets: TensorRef::from_slice("vocab_offsets", &mut vo, &[nvo]),
+                token_starts: TensorRef::from_slice("token_starts", &mut starts, &[v]),
+                marker_bytes: TensorRef::from_slice("marker_bytes", &mut mb, &[nmb]),
+                marker_offsets: TensorRef::from_slice("marker_offsets", &mut mo, &[nmo]),
+            }),
+            occurrence: occ.parse().unwrap(),
+            offset: -1,
+        };
+        inp.check().unwrap();
+        let Markers::Text(text) = &inp.markers else {
+            unreachable!()
+        };
+        let mut out = vec![0i64; b];
+        find_text_anchors::<i64, u8>(&inp, (b, t), &TextSearch::new(text).unwrap(), &mut out);
+        out
+    }
+
+    #[test]
+    fn marker_texts_match_across_merged_tokens() {
+        // "x", " \", "boxed", "{-", "3", "}", "{", "Answer", ":**", " Ans", "wer:", "", "\boxed"
+        let vocab: [&[u8]; 13] = [
+            b"x", b" \\", b"boxed", b"{-", b"3", b"}", b"{", b"Answer", b":**", b" Ans", b"wer:",
+            b"", b"\\boxed",
+        ];
+        let boxed: [&[u8]; 1] = [b"\\boxed{"];
+        // x \boxed{-3}: the marker ends inside "{-"; its first byte is in " \\" (column 1).
+        assert_eq!(
+            run_text(&[0, 1, 2, 3, 4, 5], 6, &vocab, &boxed, "last"),
+            [0]
+        );
+        // An empty token inside the marker holds no byte and does not break it.
+        assert_eq!(
+            run_text(&[0, 0, 1, 11, 2, 6], 6, &vocab, &boxed, "last"),
+            [1]
+        );
+        // The marker cut short by the row's end, or by an out-of-vocabulary id, is no match.
+        assert_eq!(
+            run_text(&[0, 0, 0, 0, 1, 2], 6, &vocab, &boxed, "last"),
+            [-1]
+        );
+        assert_eq!(
+            run_text(&[0, 0, 0, 1, 99, 2], 6, &vocab, &boxed, "last"),
+            [-1]
+        );
+        // Two occurrences: last and first.
+        let row = [12, 6, 0, 12, 3, 0];
+        assert_eq!(run_text(&row, 6, &vocab, &boxed, "last"), [2]);
+        assert_eq!(run_text(&row, 6, &vocab, &boxed, "first"), [-1]);
+        // "**Answer:**" spelled "Answer" ":**"; " Ans" "wer:" elsewhere.
+        let answer: [&[u8]; 1] = [b"Answer:"];
+        assert_eq!(
+            run_text(&[0, 7, 8, 0, 0, 0], 6, &vocab, &answer, "last"),
+            [0]
+        );
+        assert_eq!(
+            run_text(&[0, 0, 9, 10, 0, 0], 6, &vocab, &answer, "last"),
+            [1]
+        );
+        assert_eq!(
+            run_text(&[0, 0, 9, 0, 10, 0], 6, &vocab, &answer, "last"),
+            [-1]
+        );
     }
 
     #[test]

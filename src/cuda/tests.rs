@@ -358,7 +358,7 @@ fn label_sort_groups_match_the_cpu_backend_at_larger_batches() {
 #[test]
 fn find_anchors_matches_the_cpu_backend_across_tiles() {
     use crate::dispatch::anchors::find_anchors;
-    use crate::op::anchors::{FindAnchors, Occurrence};
+    use crate::op::anchors::{FindAnchors, Markers, Occurrence};
     // Rows longer than one tile of 256 start columns, markers planted in the first, a middle
     // and the last tile, spellings that overlap and share a start, masks that cut matches.
     let (b, t) = (6usize, 700usize);
@@ -385,12 +385,10 @@ fn find_anchors_matches_the_cpu_backend_across_tiles() {
                 let inputs = FindAnchors {
                     token_ids: TensorRef::from_slice("token_ids", &mut tokens, &[b, t]),
                     response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
-                    marker_tokens: TensorRef::from_slice("marker_tokens", &mut marker_tokens, &[5]),
-                    marker_offsets: TensorRef::from_slice(
-                        "marker_offsets",
-                        &mut marker_offsets,
-                        &[3],
-                    ),
+                    markers: Markers::Tokens {
+                        tokens: TensorRef::from_slice("marker_tokens", &mut marker_tokens, &[5]),
+                        offsets: TensorRef::from_slice("marker_offsets", &mut marker_offsets, &[3]),
+                    },
                     occurrence,
                     offset,
                 };
@@ -413,6 +411,78 @@ fn find_anchors_matches_the_cpu_backend_across_tiles() {
             }
             if offset == 0 && occurrence == Occurrence::First {
                 assert_eq!(got[0], [3, 300, 10, -1, 0, -1]);
+            }
+        }
+    }
+}
+
+#[test]
+fn find_text_anchors_matches_the_cpu_backend_across_tiles() {
+    use crate::dispatch::anchors::find_anchors;
+    use crate::op::anchors::{FindAnchors, Markers, Occurrence, TextMarkers, can_start};
+    // A vocabulary in which the marker "<a>" is spelled whole, split, merged with the bytes
+    // before or after it, or interrupted; rows longer than one tile of start columns.
+    let vocab: [&[u8]; 9] = [b"x", b"y<", b"a", b">z", b"<a>", b"<", b"a>", b"", b"q<a"];
+    let markers: [&[u8]; 1] = [b"<a>"];
+    let (b, t) = (6usize, 700usize);
+    let mut tokens: Vec<i64> = (0..b * t).map(|i| (i % 2) as i64).collect();
+    let mut mask: Vec<u8> = vec![1; b * t];
+    let plant = |tokens: &mut [i64], r: usize, s: usize, m: &[i64]| {
+        tokens[r * t + s..r * t + s + m.len()].copy_from_slice(m);
+    };
+    plant(&mut tokens, 0, 3, &[1, 2, 3]); // "y<" "a" ">z"
+    plant(&mut tokens, 0, 650, &[4]);
+    plant(&mut tokens, 1, 300, &[5, 7, 6]); // "<" "" "a>"
+    plant(&mut tokens, 2, 10, &[8, 3]); // "q<a" ">z"
+    plant(&mut tokens, 2, 698, &[5, 6]); // ends at the last column
+    plant(&mut tokens, 3, 512, &[1, 6]);
+    mask[3 * t + 513] = 0; // the only match leaves the response
+    plant(&mut tokens, 4, 0, &[4]);
+    plant(&mut tokens, 5, 100, &[1, 99, 6]); // an id outside the vocabulary breaks it
+    let pack = |pieces: &[&[u8]]| {
+        let mut offsets = vec![0i64];
+        for p in pieces {
+            offsets.push(offsets.last().unwrap() + p.len() as i64);
+        }
+        (pieces.concat(), offsets)
+    };
+    let (mut vb, mut vo) = pack(&vocab);
+    let (mut mb, mut mo) = pack(&markers);
+    let mut starts: Vec<u8> = vocab.iter().map(|v| can_start(v, &markers) as u8).collect();
+    let (nvb, nvo, nmb, nmo) = (vb.len(), vo.len(), mb.len(), mo.len());
+    for occurrence in [Occurrence::Last, Occurrence::First] {
+        for offset in [-1i64, 0, 2, i64::MIN] {
+            let mut got = [vec![0i64; b], vec![0i64; b]];
+            for (k, exec) in [None, Some(EMU)].into_iter().enumerate() {
+                let inputs = FindAnchors {
+                    token_ids: TensorRef::from_slice("token_ids", &mut tokens, &[b, t]),
+                    response_mask: TensorRef::from_slice("response_mask", &mut mask, &[b, t]),
+                    markers: Markers::Text(TextMarkers {
+                        vocab_bytes: TensorRef::from_slice("vocab_bytes", &mut vb, &[nvb]),
+                        vocab_offsets: TensorRef::from_slice("vocab_offsets", &mut vo, &[nvo]),
+                        token_starts: TensorRef::from_slice("token_starts", &mut starts, &[9]),
+                        marker_bytes: TensorRef::from_slice("marker_bytes", &mut mb, &[nmb]),
+                        marker_offsets: TensorRef::from_slice("marker_offsets", &mut mo, &[nmo]),
+                    }),
+                    occurrence,
+                    offset,
+                };
+                let mut out = TensorRef::from_slice("out", &mut got[k], &[b]);
+                match exec {
+                    None => find_anchors(&inputs, &mut out, None).unwrap(),
+                    Some(e) => {
+                        inputs.check().unwrap();
+                        super::anchors::find_anchors(&e, &inputs, (b, t), &out).unwrap()
+                    }
+                }
+            }
+            assert_eq!(got[0], got[1], "{occurrence:?} offset {offset}");
+            if offset == 0 {
+                let want = match occurrence {
+                    Occurrence::Last => [650i64, 300, 698, -1, 0, -1],
+                    Occurrence::First => [3i64, 300, 10, -1, 0, -1],
+                };
+                assert_eq!(got[0], want, "{occurrence:?}");
             }
         }
     }

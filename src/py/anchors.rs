@@ -9,7 +9,7 @@ use pyo3::types::{PyBytes, PyString};
 use super::errors::run;
 use super::tensor::import_on;
 use crate::dispatch;
-use crate::op::anchors::FindAnchors;
+use crate::op::anchors::{FindAnchors, Markers, TextMarkers};
 use crate::op::groups::uid_group_id;
 use crate::tensor::{DType, Device};
 
@@ -41,12 +41,90 @@ pub fn find_anchors(
         let inputs = FindAnchors {
             token_ids: token_ids.view()?,
             response_mask: response_mask.view()?,
-            marker_tokens: marker_tokens.view()?,
-            marker_offsets: marker_offsets.view()?,
+            markers: Markers::Tokens {
+                tokens: marker_tokens.view()?,
+                offsets: marker_offsets.view()?,
+            },
             occurrence: occurrence.parse()?,
             offset,
         };
         dispatch::anchors::find_anchors(&inputs, &mut out.view()?, stream)
+    })
+}
+
+/// Fills `out` (int64 `[B]`) with the anchor of each row of `token_ids`, the markers given as
+/// texts: `marker_bytes` / `marker_offsets` (uint8, int64 `[M + 1]`), matched on the bytes of
+/// the vocabulary (`vocab_bytes` uint8, `vocab_offsets` int64 `[V + 1]`) through the per-token
+/// filter `token_starts` (uint8 `[V]`, from [`text_marker_starts`]).
+#[pyfunction]
+#[pyo3(signature = (token_ids, response_mask, vocab_bytes, vocab_offsets, token_starts,
+                    marker_bytes, marker_offsets, occurrence, offset, out, stream=None))]
+#[allow(clippy::too_many_arguments)]
+pub fn find_text_anchors(
+    py: Python<'_>,
+    token_ids: &Bound<'_, PyAny>,
+    response_mask: &Bound<'_, PyAny>,
+    vocab_bytes: &Bound<'_, PyAny>,
+    vocab_offsets: &Bound<'_, PyAny>,
+    token_starts: &Bound<'_, PyAny>,
+    marker_bytes: &Bound<'_, PyAny>,
+    marker_offsets: &Bound<'_, PyAny>,
+    occurrence: &str,
+    offset: i64,
+    out: &Bound<'_, PyAny>,
+    stream: Option<usize>,
+) -> PyResult<()> {
+    let token_ids = import_on(token_ids, "token_ids", stream)?;
+    let response_mask = import_on(response_mask, "response_mask", stream)?;
+    let vocab_bytes = import_on(vocab_bytes, "vocab_bytes", stream)?;
+    let vocab_offsets = import_on(vocab_offsets, "vocab_offsets", stream)?;
+    let token_starts = import_on(token_starts, "token_starts", stream)?;
+    let marker_bytes = import_on(marker_bytes, "marker_bytes", stream)?;
+    let marker_offsets = import_on(marker_offsets, "marker_offsets", stream)?;
+    let out = import_on(out, "out", stream)?;
+    let occurrence = occurrence.to_owned();
+    run(py, "hidden_align.find_anchors", move || {
+        let inputs = FindAnchors {
+            token_ids: token_ids.view()?,
+            response_mask: response_mask.view()?,
+            markers: Markers::Text(TextMarkers {
+                vocab_bytes: vocab_bytes.view()?,
+                vocab_offsets: vocab_offsets.view()?,
+                token_starts: token_starts.view()?,
+                marker_bytes: marker_bytes.view()?,
+                marker_offsets: marker_offsets.view()?,
+            }),
+            occurrence: occurrence.parse()?,
+            offset,
+        };
+        dispatch::anchors::find_anchors(&inputs, &mut out.view()?, stream)
+    })
+}
+
+/// Fills `out` (uint8 `[V]`, CPU) with 1 for each token of the vocabulary inside which one of
+/// the marker texts can start, 0 elsewhere; every input a contiguous 1-d CPU tensor.
+#[pyfunction]
+pub fn text_marker_starts(
+    py: Python<'_>,
+    vocab_bytes: &Bound<'_, PyAny>,
+    vocab_offsets: &Bound<'_, PyAny>,
+    marker_bytes: &Bound<'_, PyAny>,
+    marker_offsets: &Bound<'_, PyAny>,
+    out: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let vocab_bytes = import_on(vocab_bytes, "vocab_bytes", None)?;
+    let vocab_offsets = import_on(vocab_offsets, "vocab_offsets", None)?;
+    let marker_bytes = import_on(marker_bytes, "marker_bytes", None)?;
+    let marker_offsets = import_on(marker_offsets, "marker_offsets", None)?;
+    let out = import_on(out, "out", None)?;
+    run(py, "hidden_align.text_markers", move || {
+        dispatch::anchors::text_marker_starts(
+            &vocab_bytes.view()?,
+            &vocab_offsets.view()?,
+            &marker_bytes.view()?,
+            &marker_offsets.view()?,
+            &mut out.view()?,
+        )
     })
 }
 

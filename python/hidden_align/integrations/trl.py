@@ -33,8 +33,9 @@ from torch import nn
 
 from .._args import as_float, check_choice, check_int
 from ..align import loss as align_loss
-from ..anchors import find_anchors, marker_token_ids
+from ..anchors import find_anchors
 from ..errors import ArgumentError, HiddenAlignError, ShapeError
+from ._markers import resolve_markers
 
 # HiddenAlignGRPOTrainer comes from the module __getattr__ below.
 __all__ = ["HiddenAlignGRPOMixin", "HiddenAlignGRPOTrainer"]  # noqa: F822
@@ -73,33 +74,13 @@ def _check_markers_given(markers) -> None:
         raise ArgumentError(f"align_markers: expected at least one marker ({example}), got []")
 
 
-def _resolve_markers(markers, processing_class) -> list:
-    """Token-id spellings of ``markers``: strings through the tokenizer, id lists as given."""
+def _resolve_markers(markers, processing_class):
+    """The ``markers`` of ``find_anchors``: strings as text under the trainer's tokenizer, id
+    lists as given."""
     items = [markers] if isinstance(markers, str) else list(markers)
     # A VLM processor carries its tokenizer; a tokenizer is its own.
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    spellings = []
-    for item in items:
-        if isinstance(item, str):
-            if tokenizer is None:
-                raise ArgumentError(
-                    f"align_markers: the string {item!r} needs the trainer's tokenizer, and it "
-                    "has none; pass token-id lists instead"
-                )
-            found = marker_token_ids(tokenizer, item)
-        elif isinstance(item, torch.Tensor) and item.dim() == 1:
-            found = [item.tolist()]
-        else:
-            found = [item]  # checked below, with the error find_anchors gives
-        for ids in found:
-            if not isinstance(ids, list) or ids not in spellings:
-                spellings.append(ids)
-    try:
-        # The id lists are checked by the function that will read them, on an empty batch.
-        find_anchors(torch.zeros(1, 0, dtype=torch.int64), torch.zeros(1, 0), spellings)
-    except ArgumentError as exc:
-        raise ArgumentError(f"align_markers: {exc}") from exc
-    return [list(ids) for ids in spellings]
+    return resolve_markers(items, tokenizer, "align_markers")
 
 
 def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
@@ -252,7 +233,9 @@ class HiddenAlignGRPOMixin:
 
         Args:
             inputs: the batch ``_compute_loss`` receives (``prompt_ids``, ``completion_ids``,
-                ``completion_mask`` and the reward and group columns this trainer adds).
+                ``completion_mask``, ``tool_mask`` when TRL ran tools, and the reward and group
+                columns this trainer adds). Markers are searched where ``completion_mask``
+                (times ``tool_mask``) is nonzero: the model's own completion tokens.
             hidden: ``[B, P + C, H]`` hidden states over the prompt and completion tokens.
 
         Returns:
@@ -273,9 +256,12 @@ class HiddenAlignGRPOMixin:
                 f"hidden: expected [B, P + C, H] with [B, P + C] = {list(token_ids.shape)} "
                 f"(prompt and completion tokens), got shape {list(hidden.shape)}"
             )
-        in_completion = torch.cat(
-            [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], dim=1
-        )
+        completion_mask = inputs["completion_mask"]
+        if inputs.get("tool_mask") is not None:
+            # Tool results and environment output (tool_mask 0) are not the model's own text,
+            # and TRL leaves them out of its loss: a marker printed there is no anchor.
+            completion_mask = completion_mask * inputs["tool_mask"]
+        in_completion = torch.cat([torch.zeros_like(inputs["prompt_mask"]), completion_mask], dim=1)
         anchors = find_anchors(
             token_ids, in_completion, self.align_markers, offset=self.align_offset
         )
@@ -399,8 +385,9 @@ def _trainer_class() -> type:
             align_coef: the coefficient of the term, a finite number >= 0 (default 0.1). It may
                 be changed between steps (``trainer.align_coef = ...``).
             align_markers: the answer marker(s): a string, or a list of strings and token-id
-                lists. Strings become every spelling the tokenizer gives them
-                (:func:`hidden_align.marker_token_ids`); id lists are used as given. Required.
+                lists. Strings are matched as text over the tokenizer's vocabulary
+                (:func:`hidden_align.text_markers`: found however the tokenizer merges the
+                marker with its neighbours); id lists are matched token for token. Required.
             align_reward: the name of the reward function that decides correctness, as TRL
                 names it (a function's ``__name__``; ``trainer.reward_func_names``). Default:
                 the first reward function.

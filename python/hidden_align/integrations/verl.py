@@ -31,8 +31,8 @@ Settings (environment variables; give them to the workers with
 variable                       meaning                                                default
 =============================  =====================================================  ==========
 HIDDEN_ALIGN_COEF              weight of the alignment term; 0 turns it off           0.1
-HIDDEN_ALIGN_MARKERS           JSON list of marker strings (spelled by the actor's    ["Answer:",
-                               tokenizer, every spelling) and/or token-id lists        "\\boxed{"]
+HIDDEN_ALIGN_MARKERS           JSON list of marker strings (matched as text under     ["Answer:",
+                               the actor's tokenizer) and/or token-id lists           "\\boxed{"]
 HIDDEN_ALIGN_LAYER             ``norm`` (final norm), decoder-layer index (negative   norm
                                from the end) or a module name (suffix match)
 HIDDEN_ALIGN_LOSS_TYPE         cosine, centroid or mse                                 cosine
@@ -96,7 +96,10 @@ def policy_loss(
 
     Args:
         old_log_prob: ``[B, T]`` log-probs of the rollout policy.
-        log_prob: ``[B, T]`` current log-probs (the only input that gets a gradient).
+        log_prob: ``[B, T]`` current log-probs (the only input that gets a gradient). bfloat16
+            log-probs of verl's autocast forward with float32 old log-probs and advantages are
+            computed in float32, as ``vanilla`` promotes them; the gradient comes back in
+            bfloat16. First-order only: a second derivative raises.
         advantages: ``[B, T]`` advantages.
         response_mask: ``[B, T]`` valid response tokens (bool, integer or float).
         loss_agg_mode: one of verl's five aggregation modes.

@@ -15,9 +15,10 @@ from verl.utils import tensordict_utils as tu
 
 import hidden_align as ha
 
+from ._markers import resolve_markers as _resolve
 from .verl_settings import Settings
 
-__all__ = ["anchor_inputs", "first_tensor", "hook_target", "marker_ids"]
+__all__ = ["anchor_inputs", "first_tensor", "hook_target", "resolve_markers"]
 
 
 # ---- the hooked module -----------------------------------------------------------------------
@@ -96,27 +97,19 @@ def first_tensor(output) -> torch.Tensor:
 # ---- markers, anchors, groups, correctness ---------------------------------------------------
 
 
-def marker_ids(markers: tuple, tokenizer) -> list:
-    """Token-id spellings of the markers: id tuples as they are, strings spelled by
-    ``tokenizer`` with :func:`hidden_align.marker_token_ids` (every spelling it uses).
+def resolve_markers(markers: tuple, tokenizer):
+    """The ``markers`` of :func:`hidden_align.find_anchors`: strings matched as text under
+    ``tokenizer`` (:func:`hidden_align.text_markers`: found however it merges them with their
+    neighbours), id tuples token for token.
 
     Args:
         markers: strings and/or token-id tuples (:attr:`Settings.markers`).
         tokenizer: the actor's tokenizer, or None when every marker is given as ids.
-
-    Returns:
-        The distinct spellings, a list of lists of ints.
     """
-    strings = [m for m in markers if isinstance(m, str)]
-    ids = [list(m) for m in markers if not isinstance(m, str)]
-    if strings:
-        if tokenizer is None:
-            raise RuntimeError(
-                "hidden_align: markers given as strings need the actor's tokenizer "
-                "(model_config.tokenizer is None); give HIDDEN_ALIGN_MARKERS as token ids"
-            )
-        ids += [s for s in ha.marker_token_ids(tokenizer, strings) if s not in ids]
-    return ids
+    try:
+        return _resolve(markers, tokenizer, "HIDDEN_ALIGN_MARKERS")
+    except ha.ArgumentError as exc:
+        raise RuntimeError(f"hidden_align: {exc}") from exc
 
 
 def _padded(t: torch.Tensor) -> torch.Tensor:
@@ -158,7 +151,7 @@ def anchor_inputs(
 
     Args:
         data: the micro-batch (a ``TensorDict`` in verl's no-padding layout).
-        markers: token-id spellings (:func:`marker_ids`).
+        markers: the markers (:func:`resolve_markers`).
         settings: offset, occurrence and correctness key.
         packed: whether ``hidden`` is the packed ``[N, H]`` (remove-padding) or the padded
             ``[b, T, H]`` states (each sequence left-aligned).

@@ -85,8 +85,9 @@ class Settings:
     Attributes:
         coef: weight of the alignment term (0 turns the term, the hook and the statistics
             pass off; the policy loss is registered regardless).
-        markers: answer markers: strings (spelled with the actor's tokenizer by
-            :func:`hidden_align.marker_token_ids`) and/or token-id tuples.
+        markers: answer markers: strings (matched as text under the actor's tokenizer,
+            :func:`hidden_align.text_markers`) and/or token-id tuples (matched token for
+            token).
         layer: ``"norm"`` (the final norm: the last hidden state), an int as a string (the
             output of decoder layer i; negative counts from the end) or a module name (the
             output of the module whose qualified name is it or ends with ``"." + it``).
