@@ -98,6 +98,19 @@ def anchors(device: str) -> None:
     attention = torch.ones(b, t, dtype=torch.long, device=device)
     attention[:, -3:] = 0
     finite("unpadded_rows", ha.unpadded_rows(found, attention))
+    # Marker texts (the find_text_anchors kernel) over a vocabulary of 20 short tokens.
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {t: i for i, t in enumerate("x y z An s wer : Ans wer: ĠAns".split())}
+    vocab.update({f"t{i}": len(vocab) + i for i in range(20 - len(vocab))})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="x"))
+    tok.decoder = decoders.ByteLevel()
+    tokens[:, 40:43] = torch.tensor([3, 4, 5], device=device)  # "An" "s" "wer"
+    tokens[:, 43] = 6  # ":"
+    text = ha.text_markers(tok, ["Answer:"])
+    for occurrence in ("last", "first"):
+        found = ha.find_anchors(tokens, response, text, occurrence=occurrence)
+        finite(f"find_anchors, text markers, {occurrence}", found)
 
 
 def dapo_ops(device: str) -> None:

@@ -172,3 +172,18 @@ def test_kernels_agree_on_real_endings(qwen):
     finally:
         ha.set_backend(before)
     assert got.tolist() == want.tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_kernel_matches_the_cpu_on_real_endings(qwen):
+    _, tokenizer = qwen
+    ids, mask, want = batch(tokenizer, ENDINGS)
+    markers = ha.text_markers(tokenizer, MARKERS)
+    spellings = ha.marker_token_ids(tokenizer, MARKERS)
+    for occurrence in ("last", "first"):
+        for kind in (markers, spellings, [markers, *spellings]):
+            cpu = ha.find_anchors(ids, mask, kind, occurrence=occurrence)
+            gpu = ha.find_anchors(ids.cuda(), mask.cuda(), kind, occurrence=occurrence)
+            assert gpu.cpu().tolist() == cpu.tolist()
+    assert ha.find_anchors(ids.cuda(), mask.cuda(), markers).cpu().tolist() == want.tolist()
