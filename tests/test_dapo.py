@@ -1,7 +1,9 @@
-"""hidden_align.dapo against the formulas of DESIGN section 4 (tests/reference.py)."""
+"""hidden_align.dapo against the formulas of docs/design.md section 5 (tests/reference.py)."""
 
 import itertools
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from dapo_cases import (
@@ -148,10 +150,8 @@ def test_policy_loss_errors():
         dapo.policy_loss(logp, old, adv, mask[:-1])
     with pytest.raises(ha.ShapeError, match="log_prob"):
         dapo.policy_loss(logp[0], old[0], adv[0], mask[0])
-    with pytest.raises(
-        ha.DtypeError, match="old_log_prob: expected dtype float32 \\(the dtype of log_prob\\)"
-    ):
-        dapo.policy_loss(logp, old.double(), adv, mask)
+    with pytest.raises(ha.DtypeError, match="old_log_prob: expected dtype float32"):
+        dapo.policy_loss(logp, old.long(), adv, mask)
     with pytest.raises(ha.DtypeError, match="log_prob"):
         dapo.policy_loss(logp.long(), old.long(), adv.long(), mask)
     with pytest.raises(ha.ArgumentError, match="loss_agg_mode"):
@@ -286,3 +286,126 @@ def test_interior_mask_across_column_blocks():
             atol=1e-12,
             rtol=1e-10,
         )
+
+
+@pytest.mark.parametrize(
+    "dtypes,widest",
+    [
+        # verl's FSDP forward under bf16 autocast: bf16 log-probs, float32 batch tensors.
+        ((torch.bfloat16, torch.float32, torch.float32, None), torch.float32),
+        ((torch.float32, torch.float64, torch.float32, None), torch.float64),
+        ((torch.float16, torch.float16, torch.bfloat16, None), torch.float32),
+        ((torch.float32, torch.float32, torch.float32, torch.float64), torch.float64),
+        ((torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32), torch.float32),
+    ],
+)
+def test_policy_loss_mixed_dtypes_compute_in_the_widest(dtypes, widest):
+    """Mixed floating dtypes are promoted as PyTorch (and so verl's ``vanilla`` loss) promotes
+    them: the op computes in the widest dtype, exactly as on inputs cast to it, and returns the
+    gradient in ``log_prob``'s dtype (the widest-dtype gradient rounded once)."""
+    logp, old, adv, mask = policy_case(dtype=torch.float64)
+    weights = torch.rand_like(logp) + 0.5
+    lp_t, old_t, adv_t, w_t = dtypes
+    kw = dict(loss_agg_mode="seq-mean-token-mean")
+    if w_t is not None:
+        kw["rollout_is_weights"] = weights.to(w_t)
+    mixed = run_ours(logp.to(lp_t), old.to(old_t), adv.to(adv_t), mask, **kw)
+    wide_kw = dict(kw)
+    if w_t is not None:
+        wide_kw["rollout_is_weights"] = weights.to(w_t).to(widest)
+    cast = [t.to(d).to(widest) for t, d in zip((logp, old, adv), dtypes)]
+    wide = run_ours(*cast, mask, **wide_kw)
+    assert (
+        mixed[0].dtype
+        == wide[0].dtype
+        == (torch.float64 if widest == torch.float64 else torch.float32)
+    )
+    assert mixed[2].dtype == lp_t
+    assert torch.equal(mixed[0], wide[0])
+    assert all(torch.equal(mixed[1][k], wide[1][k]) for k in wide[1])
+    assert torch.equal(mixed[2], wide[2].to(lp_t))
+
+
+def test_policy_loss_mixed_dtypes_refuse_non_floating():
+    """Promotion is among floating dtypes only: an integer or bool tensor is still refused,
+    with the argument's name."""
+    logp, old, adv, mask = policy_case(dtype=torch.float32)
+    bad = dict(
+        log_prob=(logp.long(), old, adv, {}),
+        old_log_prob=(logp, old.long(), adv, {}),
+        advantages=(logp, old.double(), adv.long(), {}),
+        rollout_is_weights=(logp, old, adv, {"rollout_is_weights": torch.ones_like(logp).bool()}),
+    )
+    for name, (lp, o, a, kw) in bad.items():
+        with pytest.raises(ha.DtypeError, match=f"^{name}: expected dtype float32"):
+            dapo.policy_loss(lp, o, a, mask, **kw)
+    with pytest.raises(ha.DtypeError, match="^old_log_prob: expected dtype"):
+        dapo.policy_loss(logp, old.to(torch.complex64), adv, mask)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_policy_loss_refuses_double_backward(dtype):
+    """Under ``create_graph=True`` the first-order gradient is exact; differentiating it again
+    raises rather than silently treating it as a constant (which drops the second-order
+    terms)."""
+    logp, old, adv, mask = policy_case(dtype=dtype)
+    x = logp.clone().requires_grad_()
+    plain = run_ours(x.detach(), old.float(), adv.float(), mask)[2]
+    message = "hidden_align.dapo.policy_loss supports first-order gradients only"
+    # bfloat16 log-probs with float32 old log-probs and advantages: through the promotion.
+    loss, _ = dapo.policy_loss(x, old.float(), adv.float(), mask)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.requires_grad and g.dtype == dtype and torch.equal(g.detach(), plain)
+    with pytest.raises(RuntimeError, match=message):
+        torch.autograd.grad((g**2).sum(), x)
+    loss, _ = dapo.policy_loss(x, old.float(), adv.float(), mask)
+    with warnings.catch_warnings():
+        # torch's advice to prefer autograd.grad (a reference cycle x <-> x.grad).
+        warnings.simplefilter("ignore", UserWarning)
+        loss.backward(create_graph=True)
+    assert torch.equal(x.grad.detach(), plain)
+    with pytest.raises(RuntimeError, match=message):
+        (x.grad**2).sum().backward()
+    x.grad = None
+    # Empty inputs: the first-order gradient under create_graph=True is still there.
+    e = x.detach()[:0].requires_grad_()
+    loss, _ = dapo.policy_loss(e, old[:0], adv[:0], mask[:0])
+    (g,) = torch.autograd.grad(loss, e, create_graph=True)
+    assert g.shape == (0, logp.shape[1]) and g.dtype == dtype
+
+
+def test_constant_groups_are_exactly_constant_unlike_verl():
+    """A deliberate difference from verl: a group whose scores are all equal has advantages
+    exactly 0 and is dropped by dynamic sampling, also when the score is not dyadic (1 - 0.37,
+    an overlong penalty). verl's float32 mean of such a group is off by an ulp, so its std is
+    ~6e-8 instead of 0 and its advantages come out near -0.056 for every rollout (a bias, not
+    a signal), and its DAPO filter keeps the group. Our group sums are float64, in which the
+    sum of n equal float32 scores is exact."""
+    n = 6  # one where both of verl's float32 computations miss (not 8: its np.std is exact)
+    score = torch.full((2 * n,), 1.0) + torch.full((2 * n,), -0.37)
+    score[n:] = torch.arange(n, dtype=torch.float32)  # a second group, with a signal
+    labels = torch.arange(2 * n) // n
+    ours = dapo.group_advantages(score, group_ids=labels)
+    assert torch.equal(ours[:n], torch.zeros(n))
+    torch.testing.assert_close(ours[n:].double(), grpo_advantages(score, labels)[n:])
+    keep = dapo.dynamic_sampling_mask(score, group_ids=labels)
+    assert keep.tolist() == [False] * n + [True] * n
+    # verl's DAPO filter (recipe/dapo/dapo_ray_trainer.py) keeps a uid when the np.std of its
+    # sequence rewards, token_level_rewards.sum(-1).numpy() (float32), is > 0.
+    assert np.std(list(score[:n].numpy())) > 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from verl.trainer.ppo import core_algos
+    except Exception as exc:  # noqa: BLE001 - any import failure means no verl to compare
+        pytest.skip(f"verl is not importable ({exc}): its half of the comparison is skipped")
+    rewards = torch.zeros(2 * n, 3)
+    rewards[:, -1] = score
+    index = np.array([f"uid-{i}" for i in labels.tolist()], dtype=object)
+    for fn in (
+        core_algos.compute_grpo_outcome_advantage,
+        core_algos.compute_grpo_vectorized_outcome_advantage,
+    ):
+        theirs, _ = fn(rewards, torch.ones(2 * n, 3), index)
+        assert (theirs[:n, 0].abs() > 0.05).all(), fn.__name__
+        torch.testing.assert_close(theirs[n:, 0], ours[n:], atol=1e-6, rtol=1e-6)

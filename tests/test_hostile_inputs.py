@@ -1097,6 +1097,36 @@ def _policy_under_inference_mode() -> None:
         _close(metrics[key], value, atol=1e-5, rtol=1e-5)
 
 
+def _policy_mixed_dtypes(log_prob_dtype, other_dtype) -> None:
+    """``log_prob`` in one dtype, old log-probs and advantages in another: the result is the
+    op's on every input cast to the promoted dtype, the gradient that one cast back to
+    ``log_prob``'s dtype, and within rounding of the float64 reference. The kernels have no
+    float64: there, a float64 ``old_log_prob`` is refused by name."""
+    b = policy_inputs()
+    lp = b["log_prob"].to(log_prob_dtype)
+    old, adv = b["old_log_prob"].to(other_dtype), b["advantages"].to(other_dtype)
+    wide = torch.promote_types(log_prob_dtype, other_dtype)
+    if wide == torch.float64 and ha.get_backend() == "cuda-emulated":
+        with pytest.raises(ha.DtypeError, match=r"^old_log_prob: .*CPU backend only"):
+            dapo.policy_loss(lp.requires_grad_(), old, adv, b["response_mask"])
+        return
+    x = lp.clone().requires_grad_()
+    loss, metrics = dapo.policy_loss(x, old, adv, b["response_mask"])
+    loss.backward()
+    y = lp.to(wide).requires_grad_()
+    want, want_metrics = dapo.policy_loss(y, old.to(wide), adv.to(wide), b["response_mask"])
+    want.backward()
+    assert loss.dtype == want.dtype and x.grad.dtype == log_prob_dtype
+    assert torch.equal(loss, want) and torch.equal(x.grad, y.grad.to(log_prob_dtype))
+    assert all(torch.equal(metrics[k], want_metrics[k]) for k in want_metrics)
+    ref, ref_metrics, ref_grad = run_reference(lp, old, adv, b["response_mask"])
+    _close(loss, ref, atol=1e-5, rtol=1e-5)
+    for key, value in ref_metrics.items():
+        _close(metrics[key], value, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if log_prob_dtype == torch.float32 else 4e-3  # one rounding to bfloat16
+    _close(x.grad, ref_grad, atol=tol, rtol=tol)
+
+
 def _policy_rows() -> list:
     P = POLICY
     return [
@@ -1149,6 +1179,14 @@ def _policy_rows() -> list:
         ok("policy-under-inference-mode", P, "called inside `torch.inference_mode()`",
            "correct value, no autograd graph",
            run=functools.partial(_calls_under_inference_mode, _policy_under_inference_mode)),
+        ok("policy-mixed-dtypes", P, "float64 `old_log_prob` with float32 `log_prob`",
+           "computed in float64 (the widest dtype, as PyTorch promotes), float32 gradient; "
+           "on the CUDA kernels (no float64) `DtypeError` naming `old_log_prob`",
+           run=functools.partial(_policy_mixed_dtypes, torch.float32, torch.float64), **K),
+        ok("policy-bf16-log-prob", P,
+           "bfloat16 `log_prob` with float32 `old_log_prob` and advantages (an autocast forward)",
+           "computed in float32; bfloat16 gradient",
+           run=functools.partial(_policy_mixed_dtypes, torch.bfloat16, torch.float32), **K),
         err("policy-numpy", P, "a numpy array as `log_prob`", ha.ArgumentError,
             "log_prob: expected a torch.Tensor, got ndarray",
             dict(log_prob=lambda b: b["log_prob"].numpy())),
@@ -1166,9 +1204,6 @@ def _policy_rows() -> list:
         err("policy-meta-normaliser", P, "`batch_num_tokens` as a meta tensor",
             ha.DeviceError, "batch_num_tokens: expected a tensor on cpu or cuda, got one on meta",
             dict(batch_num_tokens=torch.tensor(9.0).to("meta")), **ISO),
-        err("policy-mixed-dtypes", P, "float64 `old_log_prob` with float32 `log_prob`",
-            ha.DtypeError, "old_log_prob: expected dtype float32 (the dtype of log_prob)",
-            dict(old_log_prob=lambda b: b["old_log_prob"].double())),
         err("policy-int", P, "int64 log-probs", ha.DtypeError, "log_prob: expected dtype",
             _each(lambda t: t.long(), POLICY_TENSORS)),
         err("policy-1d", P, "1-D `log_prob`", ha.ShapeError, "log_prob: expected shape [B, T]",

@@ -222,6 +222,65 @@ def test_registry_parity(mode, scale):
             assert ours[i][key] == pytest.approx(ref[i][key], rel=2e-6, abs=2e-6), key
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_registry_bf16_log_prob_with_f32_batch(mode):
+    """verl's FSDP forward runs under bf16 autocast, and ``logprobs_from_logits`` returns bf16
+    log-probs without flash-attn's cross-entropy; old log-probs, advantages and weights stay
+    float32 in the batch. ``vanilla`` computes in the promoted float32: so must we, with the
+    gradient back in bfloat16."""
+    tensors, _ = padded_batch(11, batch=8)
+    log_prob, old, adv, weights = policy_inputs(12, tensors)
+    log_prob = log_prob.bfloat16()
+    mask = tensors["response_mask"].bool()
+    results = {}
+    calls = [("vanilla", get_policy_loss_fn("vanilla"))]
+    calls += [("registry", get_policy_loss_fn("hidden_align")), ("wrapper", ha_verl.policy_loss)]
+    for name, fn in calls:
+        config = actor_config(mode, "vanilla" if name == "vanilla" else "hidden_align", batch=8)
+        config.global_batch_info.update(
+            dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=8
+        )
+        x = log_prob.clone().requires_grad_()
+        loss, metrics = fn(
+            old_log_prob=old,
+            log_prob=x,
+            advantages=adv,
+            response_mask=mask,
+            loss_agg_mode=mode,
+            config=config,
+            rollout_is_weights=weights,
+        )
+        (grad,) = torch.autograd.grad(loss, x)
+        results[name] = (loss, metrics, grad)
+    ref_loss, ref_metrics, ref_grad = results["vanilla"]
+    assert ref_loss.dtype == torch.float32 and ref_grad.dtype == torch.bfloat16
+    for name in ("registry", "wrapper"):
+        loss, metrics, grad = results[name]
+        assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16, name
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-6, atol=1e-6)
+        # Each a float32 gradient (the two equal to float32 rounding) rounded once to bfloat16:
+        # at most one bfloat16 ulp apart.
+        torch.testing.assert_close(grad, ref_grad, rtol=8e-3, atol=1e-7)
+        assert metrics.keys() == ref_metrics.keys()
+        for key in ref_metrics:
+            assert metrics[key] == pytest.approx(float(ref_metrics[key]), rel=2e-6, abs=2e-6)
+
+
+def test_registry_refuses_double_backward():
+    """The wrapper goes through the fused op: its gradient is first-order only, and a second
+    derivative raises instead of silently dropping the second-order terms."""
+    tensors, _ = padded_batch(13, batch=4)
+    log_prob, old, adv, _ = policy_inputs(14, tensors)
+    x = log_prob.clone().requires_grad_()
+    config = actor_config(batch=4)
+    loss, _ = get_policy_loss_fn("hidden_align")(
+        old, x, adv, tensors["response_mask"].bool(), "token-mean", config
+    )
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only"):
+        torch.autograd.grad((g**2).sum(), x)
+
+
 def test_registry_clip_fallback_and_missing_config():
     """``clip_ratio_low/high`` None fall back to ``clip_ratio``, as in verl."""
     tensors, _ = padded_batch(3, batch=4)
@@ -274,7 +333,7 @@ def engine_factory(process_group, monkeypatch):
     monkeypatch.setenv("HIDDEN_ALIGN_MARKERS", "[[7, 8], [9]]")
     monkeypatch.setenv("HIDDEN_ALIGN_COEF", "0.5")
 
-    def make(layer="norm"):
+    def make(layer="norm", autocast=torch.float32):
         monkeypatch.setenv("HIDDEN_ALIGN_LAYER", layer)
         torch.manual_seed(0)
         config = Qwen2Config(
@@ -291,7 +350,9 @@ def engine_factory(process_group, monkeypatch):
         engine.use_ulysses_sp = False
         engine.ulysses_sequence_parallel_size = 1
         engine.ulysses_device_mesh = None
-        engine._autocast_dtype = torch.float32
+        # verl's default (mixed_precision.param_dtype) is bfloat16: forward_step then runs the
+        # model and the loss under torch.autocast, and the log-probs come out in bfloat16.
+        engine._autocast_dtype = autocast
         engine.engine_config = types.SimpleNamespace(
             forward_only=False,
             use_no_sync_for_gradient_accumulation=True,
@@ -342,14 +403,16 @@ def update(engine, tensors, non_tensors, rmpad, old, adv, mini_batch):
     return outputs
 
 
-def direct(model, tensors, non_tensors, old, adv, layer, coef):
-    """Policy loss + coef * alignment loss on the padded full batch, no verl engine."""
-    out = model(
-        input_ids=tensors["input_ids"],
-        attention_mask=tensors["attention_mask"],
-        position_ids=tensors["position_ids"],
-        output_hidden_states=True,
-    )
+def direct(model, tensors, non_tensors, old, adv, layer, coef, autocast=torch.float32):
+    """Policy loss + coef * alignment loss on the padded full batch, no verl engine; the model
+    forward under ``autocast`` as verl's ``forward_step`` runs it."""
+    with torch.autocast("cpu", dtype=autocast, enabled=autocast != torch.float32):
+        out = model(
+            input_ids=tensors["input_ids"],
+            attention_mask=tensors["attention_mask"],
+            position_ids=tensors["position_ids"],
+            output_hidden_states=True,
+        )
     hidden = out.hidden_states[-1] if layer == "norm" else out.hidden_states[int(layer) + 1]
     logits = out.logits[:, PROMPT - 1 : -1]
     log_prob = torch.log_softmax(logits, -1).gather(-1, tensors["responses"][..., None])[..., 0]
@@ -372,9 +435,28 @@ def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("rmpad,layer", [(True, "norm"), (True, "0"), (False, "norm")])
-def test_alignment_matches_full_batch(engine_factory, rmpad, layer):
-    engine = engine_factory(layer)
+@pytest.mark.parametrize(
+    "rmpad,layer,autocast",
+    [
+        (True, "norm", "float32"),
+        (True, "0", "float32"),
+        (False, "norm", "float32"),
+        (True, "norm", "bfloat16"),
+        (False, "0", "bfloat16"),
+    ],
+)
+def test_alignment_matches_full_batch(engine_factory, monkeypatch, rmpad, layer, autocast):
+    autocast = getattr(torch, autocast)
+    bf16 = autocast == torch.bfloat16
+    engine = engine_factory(layer, autocast)
+    seen = []  # the dtypes of log_prob, old_log_prob and advantages the fused loss receives
+
+    def spy(log_prob, *args, **kwargs):
+        seen.append((log_prob.dtype, args[0].dtype, args[1].dtype))
+        return policy_loss(log_prob, *args, **kwargs)
+
+    policy_loss = ha_verl.dapo.policy_loss
+    monkeypatch.setattr(ha_verl.dapo, "policy_loss", spy)
     model = engine.module
     tensors, non_tensors = padded_batch(5)
     # Every group has rollouts in several of the update's micro-batches (4 rows each).
@@ -389,9 +471,12 @@ def test_alignment_matches_full_batch(engine_factory, rmpad, layer):
     (out,) = update(engine, tensors, non_tensors, rmpad, old, adv, mini_batch=16)
     accumulated = grads(model)
     metrics = {k: v.aggregate() for k, v in out["metrics"].items()}
+    # verl's default: bfloat16 log-probs (no flash-attn cross-entropy) with float32 old
+    # log-probs and advantages from the batch.
+    assert set(seen) == {(autocast, torch.float32, torch.float32)}
 
     model.zero_grad()
-    total, align, stats = direct(model, tensors, non_tensors, old, adv, layer, coef=0.5)
+    total, align, stats = direct(model, tensors, non_tensors, old, adv, layer, 0.5, autocast)
     # The term matters: its gradient is not lost in the tolerance.
     params = [p for p in model.parameters()]
     term = torch.autograd.grad(align, params, retain_graph=True, allow_unused=True)
@@ -399,14 +484,22 @@ def test_alignment_matches_full_batch(engine_factory, rmpad, layer):
     total.backward()
     expected = grads(model)
 
-    assert sum(out["loss"]) == pytest.approx(float(total.detach()), rel=1e-5, abs=1e-6)
+    # Under bfloat16 autocast the engine's micro-batched (and packed) forward and this padded
+    # one round their bfloat16 matmuls differently: a few bfloat16 ulps apart (under 1.2% of
+    # each parameter's largest gradient here), against float32 rounding without autocast.
+    rel = 1e-4 if bf16 else 1e-5
+    assert sum(out["loss"]) == pytest.approx(float(total.detach()), rel=rel, abs=1e-6)
     assert accumulated.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-4, atol=2e-6)
-    assert metrics["actor/ha_align_loss"] == pytest.approx(
-        float(align.detach()), rel=1e-5, abs=1e-6
-    )
-    assert metrics["actor/ha_anchor_cosine"] == pytest.approx(float(stats["mean_cosine"]), 1e-5)
+        if bf16:
+            atol = 3e-2 * float(expected[name].abs().max())
+            torch.testing.assert_close(accumulated[name], expected[name], rtol=3e-2, atol=atol)
+        else:
+            torch.testing.assert_close(accumulated[name], expected[name], rtol=1e-4, atol=2e-6)
+    assert metrics["actor/ha_align_loss"] == pytest.approx(float(align.detach()), rel=rel, abs=1e-6)
+    # A cosine near 0 (mean over groups): bfloat16 rounding is absolute there.
+    cosine = pytest.approx(float(stats["mean_cosine"]), rel, abs=2e-4 if bf16 else None)
+    assert metrics["actor/ha_anchor_cosine"] == cosine
     assert metrics["actor/ha_valid_groups"] == int(stats["valid_groups"])
     assert {"actor/pg_loss", "actor/pg_clipfrac", "actor/ppo_kl"} <= metrics.keys()
 
@@ -495,11 +588,16 @@ def test_marker_strings_use_the_actor_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     state = verl_engine.EngineState(Settings(markers=("Ans:", (5, 6))))
     engine = types.SimpleNamespace(model_config=types.SimpleNamespace(tokenizer=tok))
-    assert verl_engine._marker_ids(engine, state) == [[5, 6], [8, 3], [9, 3]]
+    text, ids = verl_engine._markers(engine, state)
+    assert isinstance(text, ha.TextMarkers) and text.strings == ("Ans:",) and ids == [5, 6]
+    # The string is matched as text ("An" "s" ":", " Ans" ":"), the id tuple token for token.
+    tokens = torch.tensor([[4, 7, 2, 3, 4], [4, 9, 3, 4, 4], [4, 4, 4, 5, 6]])
+    anchors = ha.find_anchors(tokens, torch.ones(3, 5), [text, ids])
+    assert anchors.tolist() == [0, 0, 2]
     state = verl_engine.EngineState(Settings(markers=("Ans:",)))
     engine.model_config.tokenizer = None
     with pytest.raises(RuntimeError, match="tokenizer"):
-        verl_engine._marker_ids(engine, state)
+        verl_engine._markers(engine, state)
 
 
 def test_settings_from_env():

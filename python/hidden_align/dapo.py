@@ -1,8 +1,10 @@
 """DAPO token-level computations with verl's semantics: ``hidden_align.dapo``.
 
 Every function matches the verl function it names to float32 rounding; the deliberate
-differences are documented where they apply (an empty denominator gives 0 where verl gives NaN,
-and garbage at masked positions never reaches a result).
+differences are documented where they apply: an empty denominator gives 0 where verl gives NaN,
+garbage at masked positions never reaches a result, and a group whose scores are all equal is
+constant (advantages exactly 0, dropped by dynamic sampling) where verl's float32 arithmetic
+can see a spread of one rounding error (see :func:`group_advantages`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ._args import (
     saveable,
 )
 from ._backend import stream_of
+from ._double_backward import first_order_only
 from ._groups import group_ids_from_uids
-from .errors import ArgumentError
+from .errors import ArgumentError, DtypeError
 
 __all__ = [
     "dynamic_sampling_mask",
@@ -35,6 +38,11 @@ __all__ = [
     "policy_loss",
 ]
 
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_NO_DOUBLE_BACKWARD = (
+    b"hidden_align.dapo.policy_loss supports first-order gradients only: its gradient cannot be "
+    b"differentiated again (double backward through create_graph=True)"
+)
 _AGG_MODES = (
     "token-mean",
     "token-sum",
@@ -76,6 +84,14 @@ def group_advantages(
 
     Per group: mean and unbiased (N-1) std of the scores; ``A = (r - mean) / (std + eps)``, or
     ``r - mean`` with ``norm_by_std=False`` (Dr.GRPO). A singleton group has mean 0 and std 1.
+
+    Matches verl to float32 rounding, with one deliberate difference: a group whose scores are
+    all equal gets advantages exactly 0. The group sums are float64, in which the sum of n equal
+    float32 scores is exact, so the mean is the score and the std 0. verl averages in float32:
+    for a score that is not dyadic (``1 - 0.37`` after an overlong penalty) its mean can be off
+    by one rounding error, its std is then ~6e-8 instead of 0, and every rollout of the group
+    gets the same advantage of about -0.056 (e.g. 6 or 8 rollouts): a bias from rounding, not a
+    signal between the rollouts.
 
     Args:
         scores: ``[B]`` per-rollout scores, or token-level rewards ``[B, T]`` (summed over T).
@@ -131,6 +147,11 @@ def dynamic_sampling_mask(
     A rollout is kept when its group's metric (e.g. accuracy or score) is not constant, or the
     group has one member, as verl's filter (``std > 0 or len == 1``). A group containing a NaN
     or infinite metric is dropped (``np.std`` is NaN there).
+
+    One deliberate difference: "constant" means all values equal, exactly. verl's ``np.std`` of
+    float32 values can be one rounding error above 0 for equal values that are not dyadic (six
+    scores of ``1 - 0.37``), and keeps that group, whose advantages are then rounding noise (see
+    :func:`group_advantages`); this drops it.
 
     Args:
         metric: ``[B]`` per-rollout metric, any numeric dtype.
@@ -206,6 +227,40 @@ def overlong_penalty(
     return out
 
 
+def _promoted_dtype(*named: tuple) -> torch.dtype:
+    """The widest of the dtypes of the ``(name, tensor)`` pairs (None skipped), as PyTorch
+    promotes them; each must be one of the op's four float dtypes. Checked here, before any
+    cast: an integer tensor would otherwise be cast to a float one, and a wrong dtype would be
+    reported as the promoted dtype rather than the caller's."""
+    dtype = None
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype not in _FLOATS:
+            raise DtypeError(
+                f"{name}: expected dtype float32 or bfloat16 or float16 or float64, "
+                f"got {str(t.dtype).replace('torch.', '')}"
+            )
+        dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    first_name, first = named[0]
+    wide = [name for name, t in named if t is not None and t.dtype == torch.float64]
+    if (
+        wide
+        and first.dtype != torch.float64
+        and not torch.compiler.is_compiling()
+        and (first.is_cuda or _native.get_backend() == "cuda-emulated")
+    ):
+        # The kernels have no float64. Name the argument that widened the loss to it: after
+        # the cast the kernels would blame log_prob, which the caller passed in a dtype they
+        # take.
+        raise DtypeError(
+            f"{wide[0]}: expected dtype float32, bfloat16 or float16 with "
+            f"{str(first.dtype).replace('torch.', '')} {first_name} (float64 would promote the "
+            "loss to float64, which runs on the CPU backend only), got float64"
+        )
+    return dtype
+
+
 def _dense_like(t: torch.Tensor) -> torch.Tensor:
     """An uninitialised row-major buffer shaped like ``t``. The strides are the row-major ones
     of the shape even where a dimension is 0 (``[B, 0]`` gets ``(0, 1)``): torch gives an
@@ -225,7 +280,8 @@ class _PolicyLoss(torch.autograd.Function):
     becomes the gradient, so the backward is one scaling pass; a second backward
     (``retain_graph=True``) recomputes from the inputs. For bfloat16/float16 that buffer holds
     the derivative rounded to the input dtype, so the gradient is rounded twice (within one
-    unit in the last place of the rounded-once value).
+    unit in the last place of the rounded-once value). That gradient is computed outside
+    autograd: under ``create_graph=True`` it is exact but refuses a second derivative.
     """
 
     @staticmethod
@@ -281,6 +337,7 @@ class _PolicyLoss(torch.autograd.Function):
             saved,
             stream_of(log_prob),
         )
+        (grad,) = first_order_only(_NO_DOUBLE_BACKWARD, (grad,), (log_prob,))
         return grad, None, None, None, None, None, None
 
 
@@ -309,15 +366,16 @@ def policy_loss(
 
     Args:
         log_prob: ``[B, T]`` current log-probabilities (float32, bfloat16, float16, float64).
-        old_log_prob: ``[B, T]`` log-probabilities of the rollout policy, same dtype.
-        advantages: ``[B, T]`` or per rollout ``[B]``, same dtype.
+        old_log_prob: ``[B, T]`` log-probabilities of the rollout policy (the same four dtypes).
+        advantages: ``[B, T]`` or per rollout ``[B]`` (the same four dtypes).
         response_mask: ``[B, T]``, bool, integer or float.
         clip_ratio_low, clip_ratio_high: the ratio is clipped to ``[1 - low, 1 + high]``.
         clip_ratio_c: dual-clip bound (> 1) on the loss of negative advantages.
         log_ratio_clamp: clamp of ``log_prob - old_log_prob`` before ``exp``; None disables it.
         loss_agg_mode: ``token-mean``, ``token-sum``, ``seq-mean-token-sum``,
             ``seq-mean-token-mean`` or ``seq-mean-token-sum-norm``.
-        rollout_is_weights: optional ``[B, T]`` importance weights multiplying each token loss.
+        rollout_is_weights: optional ``[B, T]`` importance weights multiplying each token loss
+            (the same four dtypes).
         batch_num_tokens: global valid-token count for ``token-mean`` (required if dp_size > 1).
         dp_size: data-parallel world size.
         global_batch_size: global sequence count for ``seq-mean-*`` (required if dp_size > 1).
@@ -326,13 +384,24 @@ def policy_loss(
     The three normalisers take a number or a one-element tensor; on CUDA a tensor is read by
     the kernel on the device (no host synchronisation; its value is not validated there).
 
+    Mixed dtypes are promoted as PyTorch (hence verl's ``vanilla`` loss) promotes them: the
+    loss is computed in the widest of the dtypes of ``log_prob``, ``old_log_prob``,
+    ``advantages`` and ``rollout_is_weights`` (bfloat16 with float16 gives float32), and the
+    gradient comes back in ``log_prob``'s dtype. bfloat16 log-probs from an autocast forward
+    with float32 old log-probs and advantages are thus computed in float32. Integer, bool or
+    complex tensors among them raise :class:`DtypeError`.
+
     Returns:
-        ``(loss, metrics)``: a 0-d float32 loss (float64 for float64 inputs) and a dict of 0-d
-        tensors ``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower`` (no ``.item()``).
+        ``(loss, metrics)``: a 0-d float32 loss (float64 when the widest dtype is float64) and
+        a dict of 0-d tensors ``pg_clipfrac``, ``ppo_kl``, ``pg_clipfrac_lower`` (no
+        ``.item()``).
 
     Masked positions are never read: NaN or inf there cannot reach the loss, the metrics or the
     gradient. Where verl divides by an empty count (no valid token, no non-empty sequence) and
     returns NaN, this returns 0 with a zero gradient.
+
+    The gradient is first-order only: under ``create_graph=True`` it is exact, and
+    differentiating it again raises (rather than silently dropping the second-order terms).
 
     Example:
         >>> lp = torch.randn(2, 5, requires_grad=True)
@@ -367,6 +436,18 @@ def policy_loss(
     gbs, gbs_tensor = _normaliser("global_batch_size", global_batch_size)
     lsf, lsf_tensor = _normaliser("loss_scale_factor", loss_scale_factor)
     agg = ((loss_agg_mode, bnt, dp_size, gbs, lsf), (bnt_tensor, gbs_tensor, lsf_tensor))
+    # The fused op reads one dtype. Casting here, before the eager/compiled fork, gives both
+    # paths verl's promotion, and autograd's backward of the cast returns the gradient in
+    # log_prob's own dtype (the widest-dtype gradient rounded once).
+    dtype = _promoted_dtype(
+        ("log_prob", log_prob),
+        ("old_log_prob", old_log_prob),
+        ("advantages", advantages),
+        ("rollout_is_weights", rollout_is_weights),
+    )
+    log_prob, old_log_prob, advantages = (t.to(dtype) for t in (log_prob, old_log_prob, advantages))
+    if rollout_is_weights is not None:
+        rollout_is_weights = rollout_is_weights.to(dtype)
     # Traced by torch.compile: custom ops instead of the autograd.Function.
     apply = _compiled.policy_loss if torch.compiler.is_compiling() else _PolicyLoss.apply
     loss, metrics = apply(

@@ -237,7 +237,9 @@ class PolicyLoss(torch.nn.Module):
                 f"got {list(valid.shape)}"
             )
 
-        # OpenRLHF computes in the promoted dtype of its inputs; the op wants one dtype.
+        # OpenRLHF computes in torch's promoted dtype of its inputs. dapo.policy_loss promotes
+        # floating dtypes alone and refuses integer ones, which OpenRLHF's arithmetic takes
+        # (integer advantages), so the promotion over these three stays here.
         dtype = torch.promote_types(log_probs.dtype, old_log_probs.dtype)
         dtype = torch.promote_types(dtype, advantages.dtype)
         adv = advantages.to(dtype)
