@@ -454,18 +454,25 @@ def t_loss_reference(d: Draw, guards: list):
     loss_type = d.option(LOSS_TYPES)
     reduction = d.option(REDUCTIONS)
     form = d.int(0, 3)
+    refused = d.chance(4)  # keep group_size with the reference: its refusal
 
     def call():
         with torch.no_grad():
             stats = ha.group_anchor_stats(hidden, mask, rewards, **stats_kw)
+        loss_kw, ids = kw, gid
+        if stats.local_blocks and not refused:
+            # The loss refuses group_size with a reference; the blocks go in as global ids.
+            ids = torch.arange(rewards.shape[0]) // kw["group_size"]
+            loss_kw = {**kw, "group_ids": ids, "group_size": None}
         if form == 0:
             reference = stats
         elif form == 1:
-            reference = stats.rows(gid if isinstance(gid, torch.Tensor) else stats.group_ids)
+            reference = stats.rows(ids if isinstance(ids, torch.Tensor) else stats.group_ids)
         elif form == 2:
             reference = stats.rows(stats.group_ids, loss_type=loss_type).to_dict()
         else:
-            reference = stats.merge(stats)
+            # Parts numbered by group_size blocks refuse merging with other parts.
+            reference = stats.merge(*(() if stats.local_blocks and not refused else (stats,)))
         result = ha.loss(
             hidden,
             mask,
@@ -473,7 +480,7 @@ def t_loss_reference(d: Draw, guards: list):
             loss_type=loss_type,
             reduction=reduction,
             reference=reference,
-            **kw,
+            **loss_kw,
         )
         _backward(result)
 
@@ -482,10 +489,12 @@ def t_loss_reference(d: Draw, guards: list):
 
 def t_group_anchor_stats(d: Draw, guards: list):
     hidden, mask, rewards, kw = _anchor_inputs(d, guards, grad=False)
+    refused = d.chance(4)  # merge parts numbered by group_size blocks: its refusal
 
     def call():
         stats = ha.group_anchor_stats(hidden, mask, rewards, **kw)
-        stats.merge(stats).mean_cosine  # noqa: B018 (evaluated for its checks)
+        others = () if stats.local_blocks and not refused else (stats,)
+        stats.merge(*others).mean_cosine  # noqa: B018 (evaluated for its checks)
 
     return call
 

@@ -286,19 +286,89 @@ def test_clamped_norms_stay_exact():
         check_split(case, loss_type, "mean", "stats")
 
 
-def test_group_size_means_local_blocks():
-    case = make_case(batch=16, group=4, grouping="size")
+def block_case(batch, seed=0):
+    """Contiguous groups of 4 with a correct anchored pair in each (every group valid)."""
+    torch.manual_seed(seed)
+    correct = [1, 1, 0, 1] * (batch // 4)
+    return make_case(batch=batch, group=4, grouping="size", anchor_prob=1.0, correct=correct)
+
+
+def test_group_size_with_stats_reference_is_refused():
+    """Issue 19, item 2: ``group_size`` numbers each micro-batch's blocks from 0, so micro-batch
+    [4:8] of B = 8, G = 4 was compared with group 0 of the full batch: the summed shares missed
+    the full-batch loss without an error. It is refused, with the remedy in the message."""
+    case = block_case(8)
     stats = ha.group_anchor_stats(case.hidden, case.anchors, case.rewards, group_size=4)
-    assert stats.group_ids.tolist() == [0, 1, 2, 3]
-    for loss_type in SPLIT_TYPES:
-        full, _, full_grad = full_batch(case, loss_type, "mean")
-        leaf = case.hidden.clone().requires_grad_()
-        value = ha.loss(
-            leaf, case.anchors, case.rewards, group_size=4, loss_type=loss_type, reference=stats
+    remedy = r"group_ids=torch\.arange\(start, start \+ B\) // group_size"
+    for part in (slice(0, 4), slice(4, 8), slice(0, 8)):
+        args = (case.hidden[part], case.anchors[part], case.rewards[part])
+        for ref in (stats, stats.rows(torch.arange(8)[part] // 4)):
+            with pytest.raises(ha.ArgumentError, match="^group_size: .*starts at row 0.*" + remedy):
+                ha.loss(*args, group_size=4, reference=ref)
+
+
+@pytest.mark.parametrize("loss_type", SPLIT_TYPES)
+@pytest.mark.parametrize("chunks", [[4, 4], [3, 5, 1, 7], [16]])
+def test_group_size_stats_split_exactly_with_global_group_ids(loss_type, chunks):
+    """Full-batch statistics made with ``group_size`` and micro-batches of contiguous rows that
+    pass ``group_ids=arange(start, start + B) // group_size``: the shares sum to the full-batch
+    loss and gradient."""
+    batch = sum(chunks)
+    case = block_case(batch)
+    stats = ha.group_anchor_stats(case.hidden, case.anchors, case.rewards, group_size=4)
+    assert stats.group_ids.tolist() == list(range(batch // 4))
+    full, _, full_grad = full_batch(case, loss_type, "mean")
+    leaf = case.hidden.detach().clone().requires_grad_()
+    total, start = 0, 0
+    for size in chunks:
+        part = slice(start, start + size)
+        gid = torch.arange(start, start + size) // 4
+        total = total + ha.loss(
+            leaf[part], case.anchors[part], case.rewards[part], group_ids=gid,
+            loss_type=loss_type, reference=stats,
+        )  # fmt: skip
+        start += size
+    (grad,) = torch.autograd.grad(total, leaf)
+    close(total, full)
+    close(grad, full_grad)
+    assert stats.local_blocks
+
+
+def test_merging_group_size_parts_is_refused():
+    """Per-micro-batch statistics made with ``group_size`` number their blocks from 0 each:
+    merged, they would add unrelated groups together. One part alone (a full batch) keeps
+    working and keeps its mark through ``to`` and the constructor."""
+    case = block_case(8)
+    parts = [
+        ha.group_anchor_stats(case.hidden[p], case.anchors[p], case.rewards[p], group_size=4)
+        for p in (slice(0, 4), slice(4, 8))
+    ]
+    by_ids = ha.group_anchor_stats(
+        case.hidden[4:], case.anchors[4:], case.rewards[4:], group_ids=torch.tensor([1] * 4)
+    )
+    for a, b in [(parts[0], parts[1]), (parts[0], by_ids), (by_ids, parts[1])]:
+        with pytest.raises(ha.ArgumentError, match=r"^group_size: merge\(\).*arange\(start"):
+            a.merge(b)
+    assert all(p.local_blocks for p in parts) and not by_ids.local_blocks
+    whole = ha.group_anchor_stats(case.hidden, case.anchors, case.rewards, group_size=4)
+    for kept in (whole.merge(), whole.to("cpu")):
+        assert kept.local_blocks and torch.equal(kept.unit_sum, whole.unit_sum)
+    assert "local_blocks=True" in repr(whole)
+    tensors = (whole.group_ids, whole.unit_sum, whole.raw_sum, whole.sq_norm_sum, whole.count)
+    with pytest.raises(ha.ArgumentError, match="^group_size"):
+        ha.GroupAnchorStats(*tensors, local_blocks=True).merge(by_ids)
+    with pytest.raises(ha.ArgumentError, match="local_blocks: expected a bool"):
+        ha.GroupAnchorStats(*tensors, local_blocks=1)
+    # The same rows with global block numbers merge to the full-batch statistics.
+    glob = [
+        ha.group_anchor_stats(
+            case.hidden[p], case.anchors[p], case.rewards[p], group_ids=torch.arange(8)[p] // 4
         )
-        value.backward()
-        close(value, full)
-        close(leaf.grad, full_grad)
+        for p in (slice(0, 4), slice(4, 8))
+    ]
+    merged = glob[0].merge(glob[1])
+    assert torch.equal(merged.group_ids, whole.group_ids) and not merged.local_blocks
+    close(merged.unit_sum, whole.unit_sum)
 
 
 def test_row_reference_splits_like_a_batch():

@@ -10,7 +10,7 @@ from ._row_grad import attach_delivery_hook
 from ._share import resolve_anchors, share_loss
 from .errors import ArgumentError, ShapeError
 from .row_reference import RowReference
-from .stats import _SUM_OF, GroupAnchorStats, _take
+from .stats import _SUM_OF, GROUP_IDS_REMEDY, GroupAnchorStats, _take
 
 __all__ = ["loss_with_reference"]
 
@@ -19,6 +19,14 @@ _CONTRASTIVE_REFUSED = (
     "reference: loss_type='contrastive' cannot be split across micro-batches: each anchor's "
     "log-sum-exp runs over every anchored rollout of its group, incorrect ones included, "
     "which no per-group sum carries; compute it on whole groups, without a reference"
+)
+# group_size numbers the blocks of this call's rows from 0, whatever rows the micro-batch holds:
+# looked up in full-batch statistics, every micro-batch but one starting at row 0 would be
+# compared with the wrong groups, silently.
+_GROUP_SIZE_REFUSED = (
+    "group_size: not accepted with a reference: it numbers the blocks of this call's rows from "
+    "0, which are the full batch's groups only for a micro-batch that starts at row 0; "
+    + GROUP_IDS_REMEDY
 )
 
 
@@ -44,6 +52,10 @@ def loss_with_reference(
     loss. Arguments are checked by the caller except the reference itself."""
     if loss_type == "contrastive":
         raise ArgumentError(_CONTRASTIVE_REFUSED)
+    if group_size is not None:
+        per_row = not isinstance(reference, GroupAnchorStats)
+        extra = " (or none: a per-row reference carries them)" if per_row else ""
+        raise ArgumentError(_GROUP_SIZE_REFUSED + extra)
     if isinstance(reference, GroupAnchorStats):
         stats, refrows = reference, None
         if (stats.eps, stats.threshold) != (eps, threshold):
@@ -67,11 +79,6 @@ def loss_with_reference(
                 "reduction: 'none' with a per-row reference has no group list to report "
                 "per-group values in: pass the GroupAnchorStats instead"
             )
-        if group_size is not None:
-            raise ArgumentError(
-                "group_size: not used with a per-row reference, whose rows carry their group "
-                "ids: pass group_ids (checked against them) or neither"
-            )
         if getattr(refrows, _SUM_OF[loss_type]) is None:
             raise ArgumentError(
                 f"reference: loss_type={loss_type!r} needs {_SUM_OF[loss_type]}, which this "
@@ -90,15 +97,13 @@ def loss_with_reference(
 
     resolve_groups = group_ids if refrows is None or group_ids is not None else refrows.group_id
     rows, correct = resolve_anchors(
-        hidden, mask, rewards, resolve_groups, group_size, cu_seqlens, threshold, eps
+        hidden, mask, rewards, resolve_groups, None, cu_seqlens, threshold, eps
     )
     batch, dev = rows.shape[0], hidden.device
     acc = accumulator(hidden.dtype)
     part = (rows >= 0) & correct
     if refrows is None:
         labels = group_ids
-        if labels is None:
-            labels = torch.arange(batch, device=dev) // group_size
         pos, found = stats.lookup(labels)
         count = _take(stats.count, pos, found)
         ref_sum = _take(getattr(stats, _SUM_OF[loss_type]), pos, found)

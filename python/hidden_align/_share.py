@@ -2,7 +2,7 @@
 
 With ``S_g`` (sum of unit anchors), ``R_g`` (sum of raw anchors) and ``n_g`` (count) of every
 group's correct anchored rollouts over the *whole* batch, the loss splits into per-rollout
-terms (DESIGN section 3): summing the terms of the rows of any partition of the batch gives
+terms (docs/design.md section 4): summing the terms of the rows of any partition of the batch gives
 the full-batch value, and the hand-written gradient of each row is its full-batch gradient.
 For ``cosine`` that gradient is *not* the derivative of the row's term with ``S_g`` held
 fixed (``S_g`` contains ``u_i`` and every other row's term depends on ``u_i`` too), which is

@@ -129,7 +129,8 @@ def loss(
             ``hidden`` (as ``dapo.group_ids_from_uids`` makes them): then they are copied to
             the device with ``non_blocking=True``, without waiting for it. Pass them on the
             device under CUDA graph capture, where a copy from host memory is not allowed.
-        group_size: rollouts per prompt when groups are contiguous blocks.
+        group_size: rollouts per prompt when groups are contiguous blocks, numbered from this
+            call's first row. Refused with ``reference`` (see there).
         loss_type: ``"cosine"`` (mean pairwise ``1 - cos``, default), ``"centroid"``,
             ``"mse"`` or ``"contrastive"`` (InfoNCE, temperature ``tau``).
         reduction: ``"mean"`` over valid groups (0 when none), ``"sum"`` or ``"none"``.
@@ -152,9 +153,14 @@ def loss(
             the full-batch number of valid groups; ``"none"`` needs the statistics form and
             gives ``(share per group [G], valid [G])`` in the order of its ``group_ids``.
             ``return_stats`` reports the full-batch values. With statistics, the rollouts'
-            groups come from ``group_ids`` (or local blocks of ``group_size``); with the
-            per-row form from the reference (``group_ids``, if given, must agree;
-            ``group_size`` is refused). ``eps`` and ``threshold`` must be the statistics'.
+            groups come from ``group_ids``; with the per-row form from the reference
+            (``group_ids``, if given, must agree). ``group_size`` is refused with either
+            (``ArgumentError``): it numbers the blocks of this call's rows from 0, the full
+            batch's groups only for a micro-batch that starts at row 0; pass
+            ``group_ids=torch.arange(start, start + B) // group_size`` instead, ``start``
+            being the micro-batch's first row in the full batch (this also serves statistics
+            made with ``group_size`` on the whole batch). ``eps`` and ``threshold`` must be
+            the statistics'.
             A correct anchored rollout whose group has no correct anchored rollout in the
             reference raises ``ArgumentError`` on the CPU and makes the loss NaN on CUDA.
             Under ``torch.compile`` this path runs eagerly (one graph break).

@@ -2,7 +2,7 @@
 
 verl and OpenRLHF run a batch as micro-batches on several data-parallel ranks, and reorder its
 rows, so a prompt's correct rollouts are rarely in one forward. The loss of a group depends on
-all of them, but only through a few sums (DESIGN section 3). :func:`group_anchor_stats`
+all of them, but only through a few sums (docs/design.md section 4). :func:`group_anchor_stats`
 computes those sums in a no-grad pass (the one that computes old log-probs already runs every
 row); :meth:`GroupAnchorStats.merge` and :meth:`GroupAnchorStats.all_reduce` complete them over
 micro-batches and ranks; ``hidden_align.loss(..., reference=stats)`` then returns one
@@ -24,6 +24,7 @@ from ._args import (
     accumulator,
     as_float,
     check_anchor_inputs,
+    check_bool,
     check_choice,
     group_ids_on,
     require_tensor,
@@ -36,6 +37,18 @@ from .row_reference import RowReference
 __all__ = ["GroupAnchorStats", "group_anchor_stats"]
 
 _SUM_OF = {"cosine": "unit_sum", "centroid": "unit_sum", "mse": "raw_sum"}
+
+# What to do instead of combining statistics whose ids are local block numbers; the same
+# remedy as the loss gives for group_size with a reference (hidden_align/_reference_loss.py).
+GROUP_IDS_REMEDY = (
+    "pass group_ids=torch.arange(start, start + B) // group_size instead, start being the "
+    "index of the call's first row in the full batch"
+)
+_LOCAL_BLOCKS_REFUSED = (
+    "group_size: {what} statistics made with group_anchor_stats(group_size=...), whose group "
+    "ids number the blocks of that call's rows from 0: they are the full batch's groups only "
+    "for a call that saw the whole batch, so {why}; " + GROUP_IDS_REMEDY
+)
 
 
 def _lookup(sorted_ids: torch.Tensor, ids: torch.Tensor):
@@ -71,6 +84,11 @@ class GroupAnchorStats:
         count: int64 ``[G]`` number of correct anchored rollouts (``n_g``).
         eps, threshold: the options the sums were computed with; a loss using them must use
             the same.
+        local_blocks: True when ``group_ids`` are the local block numbers of one
+            ``group_anchor_stats(group_size=...)`` call (``0, 1, ...`` from that call's first
+            row): they are the batch's groups only when that call saw the whole batch, so
+            :meth:`merge` of several parts and :meth:`all_reduce` over several ranks refuse
+            them (``ArgumentError``).
 
     Build it with :func:`group_anchor_stats`; combine with :meth:`merge` (micro-batches) and
     :meth:`all_reduce` (ranks). Every method returns a new object.
@@ -86,6 +104,7 @@ class GroupAnchorStats:
         *,
         eps: float = 1e-8,
         threshold: float = 0.5,
+        local_blocks: bool = False,
     ) -> None:
         for name, t in [
             ("group_ids", group_ids),
@@ -128,6 +147,7 @@ class GroupAnchorStats:
         self.count = count
         self.eps = as_float("eps", eps)
         self.threshold = as_float("threshold", threshold)
+        self.local_blocks = check_bool("local_blocks", local_blocks)
 
     # ---- properties ---------------------------------------------------------------------
 
@@ -181,9 +201,10 @@ class GroupAnchorStats:
         return total / valid.sum().to(self.dtype)
 
     def __repr__(self) -> str:
+        local = ", local_blocks=True" if self.local_blocks else ""
         return (
             f"GroupAnchorStats({self.num_groups} groups, H={self.hidden_size}, {self.dtype}, "
-            f"{self.device}, eps={self.eps}, threshold={self.threshold})"
+            f"{self.device}, eps={self.eps}, threshold={self.threshold}{local})"
         )
 
     # ---- combining ----------------------------------------------------------------------
@@ -211,10 +232,27 @@ class GroupAnchorStats:
 
         Each group's sums are added in argument order (deterministic on every device). On
         CUDA, uniting the ids reads their number on the host (one synchronisation).
+
+        Statistics made with ``group_size`` (:attr:`local_blocks`) are refused
+        (``ArgumentError``) when there are several parts: each part numbers its own blocks from
+        0, so equal ids would add unrelated groups together.
+
+        Args:
+            others: statistics of other rows, made with the same ``eps`` and ``threshold``.
+
+        Returns:
+            The merged statistics (``self`` unchanged).
         """
         for other in others:
             self._check_compatible(other)
         parts = (self,) + others
+        if len(parts) > 1 and any(p.local_blocks for p in parts):
+            raise ArgumentError(
+                _LOCAL_BLOCKS_REFUSED.format(
+                    what="merge() of",
+                    why="the blocks numbered 0, 1, ... of different parts are different groups",
+                )
+            )
         union = torch.unique(torch.cat([p.group_ids for p in parts]))
         out = _zeros_like_stats(self, union)
         for p in parts:
@@ -231,48 +269,25 @@ class GroupAnchorStats:
 
         A collective: every rank of the group must call it, in the same order as its other
         collectives. Ranks may hold different group-id sets; the result holds their union, in
-        sorted order, and is the same on every rank. Four collectives: all-gathers of the
-        id counts and of the ids (padded to the largest count; the union is built on the
-        host), then one sum all-reduce of the sums and one of the counts. Tensors stay on the
-        stats' device (CUDA for NCCL). Every rank must use the same ``eps`` and
-        ``threshold``; that is not checked.
-        """
-        import torch.distributed as dist
+        sorted order, and is the same on every rank. Four collectives: a small all-reduce in
+        which the ranks exchange their group counts and check that they agree on the hidden
+        size, the dtype, ``eps``, ``threshold`` and the grouping (statistics made with
+        ``group_size`` are refused over several ranks); an all-gather of the ids (padded to
+        the largest count; the union is built on the host); one sum all-reduce of the sums and
+        one of the counts. When the ranks disagree, every rank raises the same error
+        (``ShapeError``, ``DtypeError`` or ``ArgumentError``) before the data collectives,
+        instead of one rank raising while the others wait for it. Tensors stay on the stats'
+        device (CUDA for NCCL).
 
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ArgumentError(
-                "process_group: torch.distributed is not initialised "
-                "(call torch.distributed.init_process_group first)"
-            )
-        world = dist.get_world_size(process_group)
-        dev = self.device
-        size = torch.tensor([self.num_groups], dtype=torch.int64, device=dev)
-        sizes = [torch.empty_like(size) for _ in range(world)]
-        dist.all_gather(sizes, size, group=process_group)
-        counts = [int(s) for s in sizes]
-        width = max(max(counts), 1)
-        ids = torch.zeros(width, dtype=torch.int64, device=dev)
-        ids[: self.num_groups] = self.group_ids
-        gathered = [torch.empty_like(ids) for _ in range(world)]
-        dist.all_gather(gathered, ids, group=process_group)
-        union = torch.unique(torch.cat([g[:k] for g, k in zip(gathered, counts)]))
-        out = _zeros_like_stats(self, union)
-        if union.numel() == 0:
-            return out  # the same on every rank: nothing to reduce anywhere
-        pos = torch.searchsorted(union, self.group_ids)
-        hs = self.hidden_size
-        # One float buffer for the three sums: one all-reduce instead of three.
-        floats = torch.zeros(union.numel(), 2 * hs + 1, dtype=self.dtype, device=dev)
-        floats[pos, :hs] = self.unit_sum
-        floats[pos, hs : 2 * hs] = self.raw_sum
-        floats[pos, 2 * hs] = self.sq_norm_sum
-        out.count[pos] = self.count
-        dist.all_reduce(floats, op=dist.ReduceOp.SUM, group=process_group)
-        dist.all_reduce(out.count, op=dist.ReduceOp.SUM, group=process_group)
-        out.unit_sum = floats[:, :hs].contiguous()
-        out.raw_sum = floats[:, hs : 2 * hs].contiguous()
-        out.sq_norm_sum = floats[:, 2 * hs].contiguous()
-        return out
+        Args:
+            process_group: a ``torch.distributed`` process group, or None for the world.
+
+        Returns:
+            The statistics of all ranks' rows.
+        """
+        from ._collectives import all_reduce_stats  # torch.distributed: only where it is used
+
+        return all_reduce_stats(self, process_group)[0]
 
     def to(self, device) -> GroupAnchorStats:
         """The same statistics on ``device``."""
@@ -284,6 +299,7 @@ class GroupAnchorStats:
             self.count.to(device),
             eps=self.eps,
             threshold=self.threshold,
+            local_blocks=self.local_blocks,
         )
 
     # ---- per-row form -------------------------------------------------------------------
@@ -363,6 +379,7 @@ def _zeros_like_stats(like: GroupAnchorStats, group_ids: torch.Tensor) -> GroupA
         torch.zeros(g, dtype=torch.int64, device=dev),
         eps=like.eps,
         threshold=like.threshold,
+        local_blocks=like.local_blocks,
     )
 
 
@@ -380,10 +397,16 @@ def group_anchor_stats(
     """Per-group sums of the correct anchored rollouts of one (micro-)batch, without gradient.
 
     Arguments mean what they mean for :func:`hidden_align.loss` (same layouts, anchor forms,
-    validation and errors); anchors and correctness are resolved by the same code. With
-    ``group_size``, group ids are the local block numbers ``0, 1, ...``: use it only when
-    this call sees the whole batch. The result lists every group of ``group_ids``, also
-    those without a correct anchored rollout (count 0).
+    validation and errors); anchors and correctness are resolved by the same code. The result
+    lists every group of ``group_ids``, also those without a correct anchored rollout (count 0).
+
+    With ``group_size``, group ids are the block numbers ``0, 1, ...`` of this call's rows, the
+    batch's groups only when this call sees the whole batch: the result is marked
+    (:attr:`GroupAnchorStats.local_blocks`) and ``merge`` of several such parts or
+    ``all_reduce`` over several ranks raises ``ArgumentError``. For a micro-batch of rows
+    ``start .. start + B - 1``, pass ``group_ids=torch.arange(start, start + B) // group_size``.
+    Full-batch statistics made with ``group_size`` serve the micro-batches' losses with those
+    ``group_ids`` (``hidden_align.loss`` refuses ``group_size`` with a reference).
 
     Combine micro-batches with :meth:`GroupAnchorStats.merge` and ranks with
     :meth:`GroupAnchorStats.all_reduce`, then pass the result (or its per-row form
@@ -422,4 +445,13 @@ def group_anchor_stats(
         bad = (rows < -1).any()
         nan = torch.full((), float("nan"), dtype=acc, device=dev)
         unit_sum, raw_sum, sq = (torch.where(bad, nan, t) for t in (unit_sum, raw_sum, sq))
-    return GroupAnchorStats(ids, unit_sum, raw_sum, sq, count, eps=eps, threshold=threshold)
+    return GroupAnchorStats(
+        ids,
+        unit_sum,
+        raw_sum,
+        sq,
+        count,
+        eps=eps,
+        threshold=threshold,
+        local_blocks=group_ids is None,
+    )

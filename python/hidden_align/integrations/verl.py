@@ -8,7 +8,7 @@ Importing this module (verl does, in every worker, with
   ``compute_policy_loss_vanilla`` (clip-higher, dual clip, every ``loss_agg_mode``, verl's
   global normalisers from ``config.global_batch_info``) as one fused op,
   :func:`hidden_align.dapo.policy_loss`;
-* wraps three methods of verl's FSDP actor engine (``FSDPEngineWithLMHead``; see
+* wraps four methods of verl's FSDP actor engine (``FSDPEngineWithLMHead``; see
   :mod:`hidden_align.integrations.verl_engine`) so that each training micro-batch adds
   ``coef * hidden_align.loss(..., reference=...)``: a forward hook captures the hidden state
   (the final norm by default), anchors come from the response tokens, correctness from the

@@ -1,7 +1,7 @@
 """The alignment term inside verl 0.9.1's FSDP engine (``FSDPEngineWithLMHead``).
 
 verl's loss contract (``loss_fn(config, model_output, data, dp_group)``) sees log-probs and
-entropy only, so three engine methods are wrapped, on the class, by :func:`patch`:
+entropy only, so four engine methods are wrapped, on the class, by :func:`patch`:
 
 * ``infer_batch``: in the actor's old-log-prob pass (no loss function, ``calculate_entropy``;
   the reference-policy pass has it off) each micro-batch's group statistics are collected,
@@ -16,6 +16,17 @@ entropy only, so three engine methods are wrapped, on the class, by :func:`patch
   the engine's own Ulysses gather and unpad, as the log-probs) or the padded ``[b, T, H]``
   states, kept on the engine, never in ``model_output`` (verl concatenates that over
   micro-batches).
+* ``forward_backward_batch``: before an update mini-batch, checks that there are statistics
+  and that they hold every group of the mini-batch's rows.
+
+A condition found on one rank only (a micro-batch whose anchors or groups cannot be read, no
+micro-batch, rows of groups the statistics lack) must not be raised there alone: the other
+ranks would wait for it in their next collective until the process group times out. The
+old-log-prob pass therefore keeps the first error of its micro-batches and raises it after the
+pass, once the ranks have agreed in one small all-reduce (the one that also exchanges the
+group counts, :func:`hidden_align._collectives.agree_on_failure`): the failing rank raises its own
+error, every other rank one that names it. The update checks its mini-batch the same way,
+with one small all-reduce per mini-batch, where verl itself all-reduces the token count.
 
 The value engine (``FSDPEngineWithValueHead``) and forward-only engines pass straight through.
 """
@@ -28,14 +39,16 @@ from contextlib import nullcontext
 import torch
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
+from verl.workers.engine.fsdp import transformer_impl
 from verl.workers.engine.fsdp.transformer_impl import (
     FSDPEngineWithLMHead,
     FSDPEngineWithValueHead,
 )
 
 import hidden_align as ha
+from hidden_align._collectives import agree_on_failure, all_reduce_stats
 
-from .verl_inputs import anchor_inputs, first_tensor, hook_target, marker_ids
+from .verl_inputs import anchor_inputs, first_tensor, hook_target, resolve_markers
 from .verl_settings import Settings
 
 __all__ = ["EngineState", "patch", "state_of"]
@@ -43,6 +56,56 @@ __all__ = ["EngineState", "patch", "state_of"]
 _STATE = "_hidden_align_state"
 _ORIGINALS = "_hidden_align_originals"
 _INACTIVE = object()
+
+# What the other ranks are told when one rank fails (codes of _RankFailure; any other error of
+# a rank's own inputs is _COLLECT_ERROR in the old-log-prob pass, _UPDATE_ERROR in the update).
+_COLLECT_ERROR, _NO_HOOK, _NO_MICRO_BATCH, _UPDATE_ERROR, _NO_REFERENCE, _UNSEEN = range(1, 7)
+_REASONS = {
+    _COLLECT_ERROR: "its micro-batches' anchors, groups or correctness could not be read",
+    _NO_HOOK: "the hook did not fire in its forward",
+    _NO_MICRO_BATCH: "its old-log-prob pass ran no micro-batch",
+    _UPDATE_ERROR: "its mini-batch's groups could not be read",
+    _NO_REFERENCE: "it has no group statistics",
+    _UNSEEN: "its mini-batch holds groups the statistics lack",
+}
+
+
+class _RankFailure(RuntimeError):
+    """A condition found on this rank, with the code the other ranks are told."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _peer_failed(where: str):
+    """The error of the ranks that did not fail, naming the one that did."""
+
+    def make(rank: int, code: int, failed: list) -> Exception:
+        return RuntimeError(
+            f"hidden_align: data-parallel rank {rank} failed in the {where} "
+            f"({_REASONS.get(code, f'code {code}')}; failing ranks: {failed}) and raised its "
+            "own error there; this rank stops too instead of waiting for it in a collective"
+        )
+
+    return make
+
+
+def _agree(engine, failure, where: str) -> None:
+    """Every rank of the data-parallel group raises (``failure`` where it is this rank's), or
+    none does: one small all-reduce. Without torch.distributed, ``failure`` is raised here."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        if failure is not None:
+            raise failure
+        return
+    agree_on_failure(
+        engine.get_data_parallel_group(),
+        transformer_impl.get_device_id(),
+        failure,
+        getattr(failure, "code", _UPDATE_ERROR),
+        peer_failed=_peer_failed(where),
+    )
 
 
 class _Reference:
@@ -69,8 +132,9 @@ class EngineState:
         self.packed = True
         self.mode = None  # "collect" or "train" while a forward step runs
         self.parts = None  # GroupAnchorStats of each micro-batch of a collecting pass
+        self.failure = None  # the first error of a collecting pass, raised after the pass
         self.source = None
-        self.marker_ids = None
+        self.markers = None
         self.reference = None
 
 
@@ -116,15 +180,15 @@ def _ensure_hook(engine, state: EngineState) -> None:
     state.hook = target.register_forward_hook(capture)
 
 
-def _marker_ids(engine, state: EngineState) -> list:
-    if state.marker_ids is None:
+def _markers(engine, state: EngineState):
+    if state.markers is None:
         tokenizer = getattr(getattr(engine, "model_config", None), "tokenizer", None)
-        state.marker_ids = marker_ids(state.settings.markers, tokenizer)
-    return state.marker_ids
+        state.markers = resolve_markers(state.settings.markers, tokenizer)
+    return state.markers
 
 
 def _anchor_inputs(engine, state: EngineState, data, hidden: torch.Tensor) -> dict:
-    inputs = anchor_inputs(data, _marker_ids(engine, state), state.settings, state.packed, hidden)
+    inputs = anchor_inputs(data, _markers(engine, state), state.settings, state.packed, hidden)
     if state.source is None:
         state.source = inputs["source"]
     return inputs
@@ -141,65 +205,126 @@ def _no_autocast(device: torch.device):
 
 
 def _collect(engine, state: EngineState, data, hidden: torch.Tensor) -> None:
-    inputs = _anchor_inputs(engine, state, data, hidden)
-    with torch.no_grad(), _no_autocast(hidden.device):
-        part = ha.group_anchor_stats(
-            hidden,
-            inputs["rows"],
-            inputs["correct"],
-            group_ids=inputs["gid"],
-            threshold=state.settings.threshold,
-            cu_seqlens=inputs["cu"],
-        )
+    if state.failure is not None:
+        return  # the pass reports its first error; later micro-batches would repeat it
+    try:
+        inputs = _anchor_inputs(engine, state, data, hidden)
+        with torch.no_grad(), _no_autocast(hidden.device):
+            part = ha.group_anchor_stats(
+                hidden,
+                inputs["rows"],
+                inputs["correct"],
+                group_ids=inputs["gid"],
+                threshold=state.settings.threshold,
+                cu_seqlens=inputs["cu"],
+            )
+    except Exception as exc:  # noqa: BLE001 - every error is raised after the pass (_reference)
+        # Raised here, the other ranks would wait for this one in their next collective.
+        state.failure = exc
+        return
     state.parts.append(part)
 
 
-def _reference(engine, state: EngineState, parts: list, local_rows: int) -> _Reference:
-    if not parts:
-        raise RuntimeError("hidden_align: the old-log-prob pass ran no micro-batch on this rank")
-    stats = parts[0].merge(*parts[1:])
-    rows = torch.tensor([local_rows], dtype=torch.int64, device=stats.device)
+def _reference(engine, state: EngineState, parts: list, failure, local_rows: int) -> _Reference:
+    """The statistics of the pass, merged and all-reduced; or, where any rank failed
+    (``failure`` on this one), an error on every rank, agreed before the data collectives in
+    the all-reduce that also sums the ranks' row counts."""
+    stats = None
+    if failure is None:
+        try:
+            if not parts:
+                raise _RankFailure(
+                    _NO_MICRO_BATCH,
+                    "hidden_align: the old-log-prob pass ran no micro-batch on this rank",
+                )
+            stats = parts[0].merge(*parts[1:])
+        except Exception as exc:  # noqa: BLE001 - agreed with the other ranks below
+            failure = exc
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        group = engine.get_data_parallel_group()
-        stats = stats.all_reduce(group)
-        dist.all_reduce(rows, op=dist.ReduceOp.SUM, group=group)
-    return _Reference(stats, int(rows), state.source)
+    if not (dist.is_available() and dist.is_initialized()):
+        if failure is not None:
+            raise failure
+        return _Reference(stats, local_rows, state.source)
+    stats, rows = all_reduce_stats(
+        stats,
+        engine.get_data_parallel_group(),
+        device=transformer_impl.get_device_id(),
+        failure=failure,
+        code=getattr(failure, "code", _COLLECT_ERROR),
+        extra=local_rows,
+        peer_failed=_peer_failed("old-log-prob pass"),
+    )
+    return _Reference(stats, rows, state.source)
+
+
+def _hook_missed(settings) -> str:
+    return (
+        f"hidden_align: the hook on HIDDEN_ALIGN_LAYER={settings.layer!r} did not fire in "
+        "this forward"
+    )
+
+
+def _require_reference(state: EngineState) -> _Reference:
+    if state.reference is None:
+        raise _RankFailure(
+            _NO_REFERENCE,
+            "hidden_align: no group statistics for this batch: they come from the actor's "
+            "old-log-prob pass (compute_log_prob with calculate_entropy), which did not run "
+            "(algorithm.rollout_correction.bypass_mode uses rollout log-probs instead)",
+        )
+    return state.reference
+
+
+def _require_seen(ref: _Reference, gid) -> None:
+    _, found = ref.stats.lookup(gid)
+    if not bool(found.all()):
+        raise _RankFailure(
+            _UNSEEN,
+            "hidden_align: rollouts of groups the last old-log-prob pass did not see: the "
+            "statistics belong to another batch",
+        )
+
+
+def _check_update(engine, state: EngineState, data) -> None:
+    """Before an update mini-batch runs any collective: statistics exist and hold the group of
+    every row, on every rank together (the loss would otherwise raise on one rank mid-step)."""
+    failure = None
+    try:
+        ref = _require_reference(state)
+        uids = tu.get(data, "uid")
+        if uids is None:
+            raise RuntimeError(
+                "hidden_align: the batch has no 'uid' (verl's prompt id per rollout)"
+            )
+        _require_seen(ref, ha.dapo.group_ids_from_uids(uids))
+    except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in _agree
+        failure = exc
+    _agree(engine, failure, "update")
 
 
 def _alignment(engine, state: EngineState, data) -> tuple:
     """``(coef * scaled share, metrics)`` of one training micro-batch."""
     hidden, state.hidden = state.hidden, None
     settings = state.settings
+    # The model and the settings are the same on every rank, so these raise on all at once.
     if hidden is None:
-        raise RuntimeError(
-            f"hidden_align: the hook on HIDDEN_ALIGN_LAYER={settings.layer!r} did not fire in "
-            "this forward"
-        )
+        raise RuntimeError(_hook_missed(settings))
     if not hidden.requires_grad:
         raise RuntimeError(
             "hidden_align: the hooked hidden state has no gradient (a module inside a "
             "reentrant activation checkpoint?); hook the final norm or another module"
         )
-    ref = state.reference
-    if ref is None:
-        raise RuntimeError(
-            "hidden_align: no group statistics for this batch: they come from the actor's "
-            "old-log-prob pass (compute_log_prob with calculate_entropy), which did not run "
-            "(algorithm.rollout_correction.bypass_mode uses rollout log-probs instead)"
-        )
+    # Checked for the whole mini-batch on every rank together (_check_update); again here for
+    # a forward_step driven without forward_backward_batch.
+    ref = _require_reference(state)
     inputs = _anchor_inputs(engine, state, data, hidden)
+    # Every rank's share of a batch has the same keys: this too raises on all ranks at once.
     if inputs["source"] != ref.source:
         raise RuntimeError(
             f"hidden_align: correctness read from {inputs['source']!r} in the update but from "
             f"{ref.source!r} in the old-log-prob pass; set HIDDEN_ALIGN_CORRECT to a key both have"
         )
-    _, found = ref.stats.lookup(inputs["gid"])
-    if not bool(found.all()):
-        raise RuntimeError(
-            "hidden_align: rollouts of groups the last old-log-prob pass did not see: the "
-            "statistics belong to another batch"
-        )
+    _require_seen(ref, inputs["gid"])
     with _no_autocast(hidden.device):
         share = ha.loss(
             hidden,
@@ -240,8 +365,13 @@ def _prepare_model_outputs(self, output, output_args, micro_batch, logits_proces
         self, output, output_args, micro_batch, logits_processor_func
     )
     state = state_of(self)
-    if state is None or state.mode is None or state.raw is None:
+    if state is None or state.mode is None:
         return model_output
+    if state.raw is None:
+        if state.mode == "collect" and state.failure is None:
+            # A micro-batch left out of the statistics would make every share wrong.
+            state.failure = _RankFailure(_NO_HOOK, _hook_missed(state.settings))
+        return model_output  # in training, _alignment raises
     raw, state.raw = state.raw, None
     state.packed = bool(tu.get_non_tensor_data(micro_batch, "use_remove_padding", True))
     if state.packed:
@@ -297,26 +427,37 @@ def _infer_batch(self, data, loss_function=None):
     )
     if not collect:
         return original(self, data, loss_function=loss_function)
-    state.parts, state.source = [], None
+    state.parts, state.source, state.failure = [], None, None
+    state.reference = None  # a failed pass leaves no statistics of another batch behind
     try:
         output = original(self, data, loss_function=loss_function)
-        parts = state.parts
+        parts, failure = state.parts, state.failure
     finally:
-        state.parts = None
-    state.reference = _reference(self, state, parts, data.batch_size[0])
+        state.parts, state.failure = None, None
+    state.reference = _reference(self, state, parts, failure, data.batch_size[0])
     return output
+
+
+def _forward_backward_batch(self, data, loss_function, forward_only=False):
+    original = _originals()["forward_backward_batch"]
+    state = state_of(self)
+    if state is not None and not forward_only and loss_function is not None:
+        _check_update(self, state, data)
+    return original(self, data, loss_function, forward_only=forward_only)
 
 
 _WRAPPERS = {
     "prepare_model_outputs": _prepare_model_outputs,
     "forward_step": _forward_step,
     "infer_batch": _infer_batch,
+    "forward_backward_batch": _forward_backward_batch,
 }
 
 
 def patch() -> bool:
-    """Wraps ``prepare_model_outputs``, ``forward_step`` and ``infer_batch`` of
-    ``FSDPEngineWithLMHead`` (idempotent: a second call changes nothing).
+    """Wraps ``prepare_model_outputs``, ``forward_step``, ``infer_batch`` and
+    ``forward_backward_batch`` of ``FSDPEngineWithLMHead`` (idempotent: a second call changes
+    nothing).
 
     Returns:
         True when this call applied the patch, False when it was already applied.
@@ -327,7 +468,7 @@ def patch() -> bool:
     missing = [n for n in (*_WRAPPERS, "_gather_and_unpad_packed") if not hasattr(cls, n)]
     if missing:
         raise RuntimeError(f"hidden_align: this verl's FSDPEngineWithLMHead lacks {missing}")
-    # getattr, not __dict__: infer_batch is inherited from BaseEngine.
+    # getattr, not __dict__: infer_batch and forward_backward_batch are inherited.
     setattr(cls, _ORIGINALS, {name: getattr(cls, name) for name in _WRAPPERS})
     for name, wrapper in _WRAPPERS.items():
         setattr(cls, name, wrapper)
