@@ -15,10 +15,10 @@ code serves every device.
 from __future__ import annotations
 
 import torch
-from torch._C import _functions as _autograd_functions
 
 from ._align_native import align_forward
 from ._args import accumulator
+from ._double_backward import first_order_only
 from ._row_grad import AnchorRowGrad
 
 __all__ = ["gather_anchor_rows", "resolve_anchors", "share_loss", "unit_rows"]
@@ -170,8 +170,10 @@ class _AlignShare(torch.autograd.Function):
         keep = (active | poison) & (rows >= 0)
         grad = AnchorRowGrad(hidden, torch.where(keep, rows, torch.full_like(rows, -1)), vals)
         if torch.is_grad_enabled():
-            dense = grad.materialize().detach().requires_grad_()
-            grad = _autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(dense)
+            # create_graph=True: first-order values stay exact, but differentiating them again
+            # must fail loudly rather than silently treat this gradient as a constant.
+            dense = grad.materialize().detach()
+            (grad,) = first_order_only(_NO_DOUBLE_BACKWARD, (dense,), (hidden,))
         return grad, None, None, None, None, None, None, None, None
 
 

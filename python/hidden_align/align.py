@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch._C import _functions as _autograd_functions
 
 from . import _compiled, _native
 from ._align_native import align_forward
@@ -15,6 +14,7 @@ from ._args import (
     check_choice,
 )
 from ._backend import stream_of
+from ._double_backward import first_order_only
 from ._reference_loss import loss_with_reference
 from ._row_grad import AnchorRowGrad, attach_delivery_hook
 from .row_reference import RowReference
@@ -89,8 +89,8 @@ class _AlignLoss(torch.autograd.Function):
         if torch.is_grad_enabled():
             # create_graph=True: first-order values stay exact, but differentiating them again
             # must fail loudly rather than silently treat this gradient as a constant.
-            dense = grad.materialize().detach().requires_grad_()
-            grad = _autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(dense)
+            dense = grad.materialize().detach()
+            (grad,) = first_order_only(_NO_DOUBLE_BACKWARD, (dense,), (hidden,))
         return grad, None, None, None, None, None, None
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._C import _functions as _autograd_functions
 
 from . import _native
 from ._args import (
@@ -27,6 +26,7 @@ from ._args import (
     saveable,
 )
 from ._backend import get_backend, stream_of
+from ._double_backward import first_order_only
 from .errors import ArgumentError, DeviceError, DtypeError, ShapeError
 
 __all__ = ["token_logprobs"]
@@ -101,24 +101,9 @@ class _TokenLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logprob, grad_entropy=None):
         with torch.no_grad():
             grads = _TokenLogprobs._gradients(ctx, grad_logprob, grad_entropy)
-        if torch.is_grad_enabled():
-            # create_graph=True: first-order values stay exact, but differentiating them again
-            # must fail loudly rather than silently treat these gradients as constants. Each
-            # gradient is linked (by an exact + 0 through `where`, whatever the values) to the
-            # inputs, so that the error node lies on every path a second derivative takes.
-            hidden, weight, bias = ctx.saved_tensors[:3]
-            false = torch.zeros((), dtype=torch.bool, device=weight.device)
-            link = sum(
-                torch.where(false, x.reshape(-1)[0], 0.0)
-                for x in (hidden, weight, bias)
-                if x is not None and x.requires_grad
-            )
-            grads = tuple(
-                None
-                if g is None
-                else _autograd_functions.DelayedError(_NO_DOUBLE_BACKWARD, 1)(g + link)
-                for g in grads
-            )
+        # create_graph=True: first-order values stay exact, but differentiating them again
+        # must fail loudly rather than silently treat these gradients as constants.
+        grads = first_order_only(_NO_DOUBLE_BACKWARD, grads, ctx.saved_tensors[:3])
         return (*grads, None, None, None, None, None)
 
     @staticmethod
