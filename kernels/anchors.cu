@@ -4,13 +4,25 @@
 // tokens spell (`find_text_anchors`: a match starts at the token holding the text's first byte).
 #include "common.cuh"
 
-struct FindAnchorsParams {
-    const void* tokens;           // [B, T] int32 or int64, any strides
-    int64_t token_code;           // CODE_I32 or CODE_I64
-    int64_t token_s0, token_s1;   // element strides
-    const void* mask;             // [B, T] any dtype, any strides: nonzero = response token
+// The rows both kernels scan: token ids and the response mask.
+struct TokenRows {
+    const void* tokens;          // [B, T] int32 or int64, any strides
+    int64_t token_code;          // CODE_I32 or CODE_I64
+    int64_t token_s0, token_s1;  // element strides
+    const void* mask;            // [B, T] any dtype, any strides: nonzero = response token
     int64_t mask_code;
     int64_t mask_s0, mask_s1;
+
+    HA_DEVICE int64_t token(int64_t r, int64_t c) const {
+        return load_label(tokens, token_code, r * token_s0 + c * token_s1);
+    }
+    HA_DEVICE bool in_response(int64_t r, int64_t c) const {
+        return load_as_double(mask, mask_code, r * mask_s0 + c * mask_s1) != 0.0;
+    }
+};
+
+struct FindAnchorsParams {
+    TokenRows in;
     const int64_t* marker_tokens;   // every spelling's ids one after another
     const int64_t* marker_offsets;  // [M + 1]: spelling m is tokens[offsets[m]..offsets[m + 1]]
     int64_t num_markers;            // M
@@ -31,9 +43,7 @@ HA_DEVICE int64_t match_at(const FindAnchorsParams& p, int64_t r, int64_t s) {
         bool hit = true;
         for (int64_t j = 0; j < len && hit; ++j) {
             const int64_t c = s + j;
-            hit = load_label(p.tokens, p.token_code, r * p.token_s0 + c * p.token_s1) ==
-                      p.marker_tokens[lo + j] &&
-                  load_as_double(p.mask, p.mask_code, r * p.mask_s0 + c * p.mask_s1) != 0.0;
+            hit = p.in.token(r, c) == p.marker_tokens[lo + j] && p.in.in_response(r, c);
         }
         if (hit) best = len;
     }
@@ -41,12 +51,7 @@ HA_DEVICE int64_t match_at(const FindAnchorsParams& p, int64_t r, int64_t s) {
 }
 
 struct FindTextAnchorsParams {
-    const void* tokens;  // [B, T] int32 or int64, any strides
-    int64_t token_code;
-    int64_t token_s0, token_s1;
-    const void* mask;  // [B, T] any dtype, any strides: nonzero = response token
-    int64_t mask_code;
-    int64_t mask_s0, mask_s1;
+    TokenRows in;
     const uint8_t* vocab_bytes;     // every token's bytes one after another
     const int64_t* vocab_offsets;   // [V + 1]: token v spells vocab_bytes[offsets[v]..offsets[v + 1]]
     int64_t vocab_size;             // V
@@ -64,8 +69,8 @@ struct FindTextAnchorsParams {
 // then vocab_bytes[*lo..*hi]), else -1.
 HA_DEVICE int64_t text_token(const FindTextAnchorsParams& p, int64_t r, int64_t c, int64_t* lo,
                              int64_t* hi) {
-    if (load_as_double(p.mask, p.mask_code, r * p.mask_s0 + c * p.mask_s1) == 0.0) return -1;
-    const int64_t id = load_label(p.tokens, p.token_code, r * p.token_s0 + c * p.token_s1);
+    if (!p.in.in_response(r, c)) return -1;
+    const int64_t id = p.in.token(r, c);
     if (id < 0 || id >= p.vocab_size) return -1;
     *lo = p.vocab_offsets[id];
     *hi = p.vocab_offsets[id + 1];

@@ -323,6 +323,38 @@ def process_group():
     dist.destroy_process_group()
 
 
+def build_engine(autocast=torch.float32):
+    """An ``FSDPEngineWithLMHead`` without its constructor (the registry gives none on the
+    CPU), over a tiny Qwen2 on the CPU, with what its forward and backward read."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    engine = object.__new__(transformer_impl.FSDPEngineWithLMHead)
+    engine.module = Qwen2ForCausalLM(config)
+    engine.pad_to_length = False
+    engine.use_ulysses_sp = False
+    engine.ulysses_sequence_parallel_size = 1
+    engine.ulysses_device_mesh = None
+    # verl's default (mixed_precision.param_dtype) is bfloat16: forward_step then runs the
+    # model and the loss under torch.autocast, and the log-probs come out in bfloat16.
+    engine._autocast_dtype = autocast
+    engine.engine_config = types.SimpleNamespace(
+        forward_only=False,
+        use_no_sync_for_gradient_accumulation=True,
+        entropy_checkpointing=False,
+        entropy_from_logits_with_chunking=False,
+    )
+    engine.compute_entropy_from_logits = transformer_impl.verl_F.entropy_from_logits
+    engine.model_config = types.SimpleNamespace(tokenizer=None)
+    return engine
+
+
 @pytest.fixture
 def engine_factory(process_group, monkeypatch):
     monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
@@ -335,33 +367,7 @@ def engine_factory(process_group, monkeypatch):
 
     def make(layer="norm", autocast=torch.float32):
         monkeypatch.setenv("HIDDEN_ALIGN_LAYER", layer)
-        torch.manual_seed(0)
-        config = Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        engine = object.__new__(transformer_impl.FSDPEngineWithLMHead)
-        engine.module = Qwen2ForCausalLM(config)
-        engine.pad_to_length = False
-        engine.use_ulysses_sp = False
-        engine.ulysses_sequence_parallel_size = 1
-        engine.ulysses_device_mesh = None
-        # verl's default (mixed_precision.param_dtype) is bfloat16: forward_step then runs the
-        # model and the loss under torch.autocast, and the log-probs come out in bfloat16.
-        engine._autocast_dtype = autocast
-        engine.engine_config = types.SimpleNamespace(
-            forward_only=False,
-            use_no_sync_for_gradient_accumulation=True,
-            entropy_checkpointing=False,
-            entropy_from_logits_with_chunking=False,
-        )
-        engine.compute_entropy_from_logits = transformer_impl.verl_F.entropy_from_logits
-        engine.model_config = types.SimpleNamespace(tokenizer=None)
-        return engine
+        return build_engine(autocast)
 
     return make
 

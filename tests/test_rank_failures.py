@@ -197,51 +197,17 @@ def _verl_ready() -> bool:
     return getattr(verl, "__version__", None) == "0.9.1"
 
 
-def _make_engine():
-    """An ``FSDPEngineWithLMHead`` without its constructor, on the CPU, as the engine factory of
-    test_integration_verl.py makes it (this process is the rank's own: no monkeypatch)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from verl.workers.engine.fsdp import transformer_impl
-
-    import hidden_align.integrations.verl  # noqa: F401 - applies the engine wrap
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    engine = object.__new__(transformer_impl.FSDPEngineWithLMHead)
-    engine.module = Qwen2ForCausalLM(config)
-    engine.pad_to_length = False
-    engine.use_ulysses_sp = False
-    engine.ulysses_sequence_parallel_size = 1
-    engine.ulysses_device_mesh = None
-    engine._autocast_dtype = torch.float32
-    engine.engine_config = types.SimpleNamespace(
-        forward_only=False,
-        use_no_sync_for_gradient_accumulation=True,
-        entropy_checkpointing=False,
-        entropy_from_logits_with_chunking=False,
-    )
-    engine.compute_entropy_from_logits = transformer_impl.verl_F.entropy_from_logits
-    engine.model_config = types.SimpleNamespace(tokenizer=None)
-    return engine
-
-
 def _engine_worker(rank: int, init: str, path: str) -> None:
     os.environ.update(
         HIDDEN_ALIGN_MARKERS="[[7, 8], [9]]", HIDDEN_ALIGN_COEF="0.5", HIDDEN_ALIGN_LAYER="norm"
     )
     for name in ("OFFSET", "OCCURRENCE", "LOSS_TYPE", "THRESHOLD", "CORRECT"):
         os.environ.pop(f"HIDDEN_ALIGN_{name}", None)
-    from test_integration_verl import old_log_prob_pass, padded_batch, update
+    from test_integration_verl import build_engine, old_log_prob_pass, padded_batch, update
     from verl.utils import seqlen_balancing
     from verl.workers.engine.fsdp import transformer_impl
 
+    import hidden_align.integrations.verl  # noqa: F401 - applies the engine wrap
     from hidden_align.integrations import verl_engine
     from hidden_align.integrations.verl_settings import Settings
 
@@ -257,7 +223,7 @@ def _engine_worker(rank: int, init: str, path: str) -> None:
         if bad:  # nothing tells correct rollouts: an error while collecting, on rank 1 only
             tensors.pop("rm_scores")
             non_tensors.pop("acc")
-        old_log_prob_pass(_make_engine(), tensors, non_tensors, True)
+        old_log_prob_pass(build_engine(), tensors, non_tensors, True)
 
     def no_micro_batch():
         state = verl_engine.EngineState(Settings.from_env())
@@ -267,7 +233,7 @@ def _engine_worker(rank: int, init: str, path: str) -> None:
         verl_engine._reference(engine, state, parts, None, 16)
 
     def run_update(unseen: bool):
-        engine = _make_engine()
+        engine = build_engine()
         tensors, non_tensors = padded_batch(seed)
         old = old_log_prob_pass(engine, tensors, non_tensors, True)
         if unseen:  # another batch's rows: groups the statistics lack, on rank 1 only

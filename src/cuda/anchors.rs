@@ -8,10 +8,10 @@ use crate::tensor::TensorRef;
 /// The longest rows the kernel ranks exactly.
 const MAX_COLS: usize = (1 << 31) - 1;
 
-/// `struct FindAnchorsParams` of `kernels/anchors.cu`.
+/// `struct TokenRows` of `kernels/anchors.cu`: the token ids and the response mask.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct FindAnchorsParams {
+struct TokenRows {
     tokens: u64,
     token_code: i64,
     token_s0: i64,
@@ -20,6 +20,28 @@ struct FindAnchorsParams {
     mask_code: i64,
     mask_s0: i64,
     mask_s1: i64,
+}
+
+impl TokenRows {
+    fn of(ids: &TensorRef, mask: &TensorRef) -> Self {
+        TokenRows {
+            tokens: ptr(ids),
+            token_code: Side::of(ids).code,
+            token_s0: stride(ids, 0),
+            token_s1: stride(ids, 1),
+            mask: ptr(mask),
+            mask_code: Side::of(mask).code,
+            mask_s0: stride(mask, 0),
+            mask_s1: stride(mask, 1),
+        }
+    }
+}
+
+/// `struct FindAnchorsParams` of `kernels/anchors.cu`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct FindAnchorsParams {
+    rows_in: TokenRows,
     marker_tokens: u64,
     marker_offsets: u64,
     num_markers: i64,
@@ -34,14 +56,7 @@ struct FindAnchorsParams {
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct FindTextAnchorsParams {
-    tokens: u64,
-    token_code: i64,
-    token_s0: i64,
-    token_s1: i64,
-    mask: u64,
-    mask_code: i64,
-    mask_s0: i64,
-    mask_s1: i64,
+    rows_in: TokenRows,
     vocab_bytes: u64,
     vocab_offsets: u64,
     vocab_size: i64,
@@ -75,19 +90,12 @@ pub fn find_anchors(
         ));
     }
     let last = (inp.occurrence == Occurrence::Last) as i64;
-    let (ids, mask) = (&inp.token_ids, &inp.response_mask);
+    let rows_in = TokenRows::of(&inp.token_ids, &inp.response_mask);
     let grid = Grid::blocks(b)?;
     match &inp.markers {
         Markers::Tokens { tokens, offsets } => {
             let params = FindAnchorsParams {
-                tokens: ptr(ids),
-                token_code: Side::of(ids).code,
-                token_s0: stride(ids, 0),
-                token_s1: stride(ids, 1),
-                mask: ptr(mask),
-                mask_code: Side::of(mask).code,
-                mask_s0: stride(mask, 0),
-                mask_s1: stride(mask, 1),
+                rows_in,
                 marker_tokens: ptr(tokens),
                 marker_offsets: ptr(offsets),
                 num_markers: offsets.numel() as i64 - 1,
@@ -101,14 +109,7 @@ pub fn find_anchors(
         }
         Markers::Text(m) => {
             let params = FindTextAnchorsParams {
-                tokens: ptr(ids),
-                token_code: Side::of(ids).code,
-                token_s0: stride(ids, 0),
-                token_s1: stride(ids, 1),
-                mask: ptr(mask),
-                mask_code: Side::of(mask).code,
-                mask_s0: stride(mask, 0),
-                mask_s1: stride(mask, 1),
+                rows_in,
                 vocab_bytes: ptr(&m.vocab_bytes),
                 vocab_offsets: ptr(&m.vocab_offsets),
                 vocab_size: m.token_starts.numel() as i64,
