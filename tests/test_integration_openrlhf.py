@@ -11,10 +11,6 @@ skip with the install command as the reason when OpenRLHF 0.11.1 is not importab
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.machinery
-import importlib.metadata
 import inspect
 import sys
 import types
@@ -22,6 +18,7 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from openrlhf_support import STUBS, load_openrlhf
 
 import hidden_align as ha
 from hidden_align.integrations.openrlhf import CapturedHidden, PolicyLoss, capture_last_hidden
@@ -29,91 +26,18 @@ from hidden_align.integrations.openrlhf import CapturedHidden, PolicyLoss, captu
 OPENRLHF_VERSION = "0.11.1"
 INSTALL = f"pip install --no-deps openrlhf=={OPENRLHF_VERSION}"
 
-# --- stand-ins for flash_attn and deepspeed (the import only) -------------------------------
-
-
-def _unpad_input(x, attention_mask):
-    """flash_attn's ``unpad_input``: the kept rows of ``[B, S, ...]`` in row-major order."""
-    indices = torch.nonzero(attention_mask.flatten()).flatten()
-    lengths = attention_mask.sum(-1, dtype=torch.int32)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    return x.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()), lengths
-
-
-def _index_first_axis(x, indices):
-    return x[indices]
-
-
-def _rearrange(x, pattern):
-    if pattern != "b s ... -> (b s) ...":
-        raise NotImplementedError(pattern)
-    return x.flatten(0, 1)
-
-
-def _pad_input(x, indices, batch, seqlen):
-    out = x.new_zeros(batch * seqlen, *x.shape[1:])
-    out[indices] = x
-    return out.view(batch, seqlen, *x.shape[1:])
-
-
-def _all_gather(*_args, **_kwargs):
-    raise NotImplementedError("ring attention is not exercised here")
-
-
-STUBS = {
-    "flash_attn": {},
-    "flash_attn.bert_padding": {
-        "index_first_axis": _index_first_axis,
-        "pad_input": _pad_input,
-        "rearrange": _rearrange,
-        "unpad_input": _unpad_input,
-    },
-    "flash_attn.utils": {},
-    "flash_attn.utils.distributed": {"all_gather": _all_gather},
-    "deepspeed": {},
-}
-
-
-@contextlib.contextmanager
-def stub_modules():
-    """The stand-ins in ``sys.modules`` while the block runs; whatever was there before (most
-    likely nothing) is put back afterwards."""
-    saved = {name: sys.modules.get(name) for name in STUBS}
-    try:
-        for name, attrs in STUBS.items():
-            module = types.ModuleType(name)
-            # importlib.util.find_spec reads __spec__ of a module already in sys.modules.
-            module.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            module.__dict__.update(attrs)
-            sys.modules[name] = module
-        yield
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
-
 
 @pytest.fixture(scope="module")
 def orl():
     """OpenRLHF's ``PolicyLoss``, ``Actor`` and ``ppo_utils.experience`` module, or a skip with
     the install command."""
-    try:
-        version = importlib.metadata.version("openrlhf")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"OpenRLHF is not installed: {INSTALL}")
-    if version != OPENRLHF_VERSION:
-        pytest.skip(f"tested against OpenRLHF {OPENRLHF_VERSION}, found {version}: {INSTALL}")
-    with stub_modules():
-        try:
-            models = importlib.import_module("openrlhf.models")
-            experience = importlib.import_module("openrlhf.trainer.ppo_utils.experience")
-        except Exception as exc:  # noqa: BLE001 - any import failure means no oracle
-            pytest.skip(f"OpenRLHF is not importable ({type(exc).__name__}: {exc})")
-    assert not any(name in sys.modules for name in STUBS)
+    loaded = load_openrlhf("openrlhf.models", "openrlhf.trainer.ppo_utils.experience")
+    models = loaded.modules["openrlhf.models"]
     return types.SimpleNamespace(
-        PolicyLoss=models.PolicyLoss, Actor=models.Actor, experience=experience
+        PolicyLoss=models.PolicyLoss,
+        Actor=models.Actor,
+        experience=loaded.modules["openrlhf.trainer.ppo_utils.experience"],
+        version=loaded.version,
     )
 
 
