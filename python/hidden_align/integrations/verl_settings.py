@@ -8,74 +8,16 @@ docstring of :mod:`hidden_align.integrations.verl`.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from ._env import DEFAULT_MARKERS, parse_choice, parse_flag, parse_markers, parse_number
 
 __all__ = ["Settings"]
 
 _LOSS_TYPES = ("cosine", "centroid", "mse")
 _OCCURRENCES = ("last", "first")
-DEFAULT_MARKERS = ("Answer:", "\\boxed{")
-
-
-def _parse_markers(text: str) -> tuple:
-    """``HIDDEN_ALIGN_MARKERS``: a JSON list whose items are marker strings (spelled by the
-    tokenizer) or token-id lists; a bare string that is not JSON is one marker."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not value:
-        raise ValueError(
-            "HIDDEN_ALIGN_MARKERS: expected a JSON list of strings and/or token-id lists, "
-            f"got {text!r}"
-        )
-    out = []
-    for item in value:
-        if isinstance(item, str) and item:
-            out.append(item)
-        elif (
-            isinstance(item, list)
-            and item
-            and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
-        ):
-            out.append(tuple(item))
-        else:
-            raise ValueError(
-                "HIDDEN_ALIGN_MARKERS: each item must be a non-empty string or a non-empty "
-                f"list of token ids, got {item!r}"
-            )
-    return tuple(out)
-
-
-def _number(environ: Mapping, name: str, default, kind):
-    text = environ.get(name)
-    if text is None or text.strip() == "":
-        return default
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{name}: expected {kind.__name__}, got {text!r}") from None
-
-
-def _choice(environ: Mapping, name: str, default: str, choices: tuple) -> str:
-    value = environ.get(name, "").strip() or default
-    if value not in choices:
-        raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
-    return value
-
-
-def _flag(environ: Mapping, name: str) -> bool:
-    text = environ.get(name, "").strip().lower()
-    if text in ("", "0", "false", "no", "off"):
-        return False
-    if text in ("1", "true", "yes", "on"):
-        return True
-    raise ValueError(f"{name}: expected 1 or 0, got {environ[name]!r}")
 
 
 @dataclass(frozen=True)
@@ -127,15 +69,15 @@ class Settings:
         markers = env.get("HIDDEN_ALIGN_MARKERS", "").strip()
         layer = env.get("HIDDEN_ALIGN_LAYER", "").strip() or "norm"
         return cls(
-            coef=_number(env, "HIDDEN_ALIGN_COEF", cls.coef, float),
-            markers=_parse_markers(markers) if markers else DEFAULT_MARKERS,
+            coef=parse_number(env, "HIDDEN_ALIGN_COEF", cls.coef, float),
+            markers=parse_markers(markers) if markers else DEFAULT_MARKERS,
             layer=layer,
-            loss_type=_choice(env, "HIDDEN_ALIGN_LOSS_TYPE", cls.loss_type, _LOSS_TYPES),
-            threshold=_number(env, "HIDDEN_ALIGN_THRESHOLD", cls.threshold, float),
-            offset=_number(env, "HIDDEN_ALIGN_OFFSET", cls.offset, int),
-            occurrence=_choice(env, "HIDDEN_ALIGN_OCCURRENCE", cls.occurrence, _OCCURRENCES),
+            loss_type=parse_choice(env, "HIDDEN_ALIGN_LOSS_TYPE", cls.loss_type, _LOSS_TYPES),
+            threshold=parse_number(env, "HIDDEN_ALIGN_THRESHOLD", cls.threshold, float),
+            offset=parse_number(env, "HIDDEN_ALIGN_OFFSET", cls.offset, int),
+            occurrence=parse_choice(env, "HIDDEN_ALIGN_OCCURRENCE", cls.occurrence, _OCCURRENCES),
             correct_key=env.get("HIDDEN_ALIGN_CORRECT", "").strip() or cls.correct_key,
-            fused_logprobs=_flag(env, "HIDDEN_ALIGN_FUSED_LOGPROBS"),
+            fused_logprobs=parse_flag(env, "HIDDEN_ALIGN_FUSED_LOGPROBS"),
         )
 
     @property
