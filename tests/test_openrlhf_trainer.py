@@ -17,14 +17,18 @@ group of one process.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import types
 from pathlib import Path
 
+import openrlhf_support
 import pytest
 import torch
 import torch.nn.functional as F
@@ -52,18 +56,21 @@ N = 4  # rollouts per prompt
 COEF = 0.25
 
 
-@pytest.fixture(scope="module")
-def orl():
-    loaded = load_openrlhf(*MODULES)
-    m = loaded.modules
+def _namespace(m: dict, version: str) -> types.SimpleNamespace:
     return types.SimpleNamespace(
-        version=loaded.version,
+        version=version,
         Actor=m["openrlhf.models"].Actor,
         Experience=m["openrlhf.trainer.ppo_utils.experience"].Experience,
         maker=m["openrlhf.trainer.ppo_utils.experience_maker"],
         launcher=m["openrlhf.trainer.ray.launcher"],
         ppo_actor=m["openrlhf.trainer.ray.ppo_actor"],
     )
+
+
+@pytest.fixture(scope="module")
+def orl():
+    loaded = load_openrlhf(*MODULES)
+    return _namespace(loaded.modules, loaded.version)
 
 
 @pytest.fixture
@@ -88,15 +95,20 @@ def process_group(tmp_path):
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    """OpenRLHF's CUDA calls on a CPU machine: the replay buffer is built for ``cuda:0`` (and
-    never moves data there on this path), every other ``current_device()`` gives the CPU."""
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: "cpu")
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    cpu_stand_ins(monkeypatch.setattr)
+
+
+def cpu_stand_ins(setattr_) -> None:
+    """OpenRLHF's CUDA calls on a CPU machine (``current_device()`` gives the CPU; see
+    :func:`replay_buffer_device`), and Ray's object store as the identity: the ranks run in
+    this process."""
+    setattr_(torch.cuda, "current_device", lambda: "cpu")
+    setattr_(torch.cuda, "synchronize", lambda *a, **k: None)
+    setattr_(torch.cuda, "empty_cache", lambda: None)
     import ray
 
-    monkeypatch.setattr(ray, "put", lambda value: value)
-    monkeypatch.setattr(ray, "get", lambda refs, **kwargs: refs)
+    setattr_(ray, "put", lambda value: value)
+    setattr_(ray, "get", lambda refs, **kwargs: refs)
 
 
 class CPUStrategy:
@@ -106,9 +118,10 @@ class CPUStrategy:
 
     ring_attn_group = None
 
-    def __init__(self, args, accumulated_gradient: int) -> None:
+    def __init__(self, args, accumulated_gradient: int, world: int = 1) -> None:
         self.args = args
         self.accumulated_gradient = accumulated_gradient
+        self.world = world
         self.micro_steps = 0
         self.step_gradients = []
 
@@ -118,9 +131,11 @@ class CPUStrategy:
     def optimizer_step(self, optimizer, model, scheduler, name="model", **kwargs):
         self.micro_steps += 1
         if self.micro_steps % self.accumulated_gradient == 0:
-            self.step_gradients.append(
-                {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
-            )
+            grads = {n: p.grad for n, p in model.model.named_parameters() if p.grad is not None}
+            for g in grads.values():  # DeepSpeed averages the gradients over the ranks
+                torch.distributed.all_reduce(g)
+                g /= self.world
+            self.step_gradients.append({n: g.clone() for n, g in grads.items()})
             optimizer.step()
             optimizer.zero_grad()
             scheduler.step()
@@ -129,7 +144,11 @@ class CPUStrategy:
         return 0.0
 
     def all_reduce(self, data, op="mean"):
-        return data  # one rank
+        if isinstance(data, dict):
+            return {k: self.all_reduce(v, op) for k, v in data.items()}
+        value = torch.tensor(float(data), dtype=torch.float64)
+        torch.distributed.all_reduce(value)
+        return value.item() / (self.world if op == "mean" else 1)
 
     def is_rank_0(self):
         return True
@@ -246,24 +265,36 @@ def rollout_samples(Experience):
     return samples
 
 
-def actor_group(orl, model_actor):
-    """OpenRLHF's ``RayActorGroup`` over one rank that runs in this process: its own
-    ``async_run_method_batch`` chunks and dispatches to ``execute_batch``."""
+def actor_group(orl, model_actor, rank=0, world=1):
+    """OpenRLHF's ``RayActorGroup`` over ``world`` ranks, of which ``rank`` runs in this
+    process: its own ``async_run_method_batch`` chunks the micro-batches and dispatches each
+    chunk to its rank's ``execute_batch``. The other ranks' chunks are theirs (their own
+    process runs them); here they get placeholder log-probs and are never trained on."""
+
+    def elsewhere(method_name, data, start, end):
+        if method_name == "forward":
+            return [torch.zeros(m.shape) for m in data["action_mask"][start:end]]
+        return [None] * (end - start)
+
+    def handle(call):
+        return types.SimpleNamespace(execute_batch=types.SimpleNamespace(remote=call))
+
     group = object.__new__(orl.launcher.RayActorGroup)
-    handle = types.SimpleNamespace(
-        execute_batch=types.SimpleNamespace(remote=lambda *args: model_actor.execute_batch(*args))
-    )
-    group._actor_handlers = [handle]
+    group._actor_handlers = [
+        handle(model_actor.execute_batch if r == rank else elsewhere) for r in range(world)
+    ]
     group.duplicate_actors = 1
     return group
 
 
-def run_one_batch(orl, *, packing=False, micro_train=3, lr=0.0):
-    """One rollout batch through OpenRLHF: experience maker, replay buffer, ``fit``. Returns
-    the strategy (its recorded step gradient), the status, the model and the experiences."""
+def run_one_batch(orl, *, packing=False, micro_train=3, lr=0.0, rank=0, world=1, rollout_micro=5):
+    """One rollout batch through OpenRLHF: experience maker, replay buffer, ``fit`` (data-
+    parallel rank ``rank`` of ``world``, one optimizer step). Returns the strategy (its
+    recorded step gradient), the status, the model and the experiences."""
     args = make_args(packing, micro_train)
+    args.rollout.micro_batch_size = rollout_micro
     rows = len(PROMPTS) * N
-    strategy = CPUStrategy(args, accumulated_gradient=rows // micro_train)
+    strategy = CPUStrategy(args, rows // world // micro_train, world)
     model = tiny_qwen2()
     actor = orl.Actor(model)
     actor.packing_samples = packing  # set by Actor only when it loads a model by name
@@ -281,7 +312,7 @@ def run_one_batch(orl, *, packing=False, micro_train=3, lr=0.0):
         )
     model_actor = object.__new__(orl.ppo_actor.PolicyModelActor.__ray_actor_class__)
     model_actor.actor, model_actor.trainer, model_actor.strategy = actor, trainer, strategy
-    group = actor_group(orl, model_actor)
+    group = actor_group(orl, model_actor, rank, world)
     kl_ctl = types.SimpleNamespace(value=0.0)
     maker = orl.maker.RemoteExperienceMaker(
         group, None, None, None, kl_ctl, strategy, types.SimpleNamespace(pad_token_id=0)
@@ -550,3 +581,125 @@ def test_ray_worker_setup_hook_patches_on_import(orl):
     assert result.pop("gspo").startswith("openrlhf.")
     assert result.pop("coef") == 0.3
     assert all(result.values()), result
+
+
+RAY_JOB = """
+    import json, os, ray
+    from hidden_align.integrations.openrlhf import train_ppo_ray
+    from hidden_align.integrations.openrlhf.settings import Settings
+
+    # What the launcher does before OpenRLHF's train() calls ray.init with its runtime_env.
+    train_ppo_ray._wrap_ray_init(Settings(coef=0.3, markers=((5, 6),)))
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "true"}},
+    )
+
+    def probe():
+        import importlib, sys
+        sys.path.insert(0, TESTS)
+        import openrlhf_support
+        openrlhf_support.install_stubs()  # this machine has no GPU stack
+        ppo_actor = importlib.import_module("openrlhf.trainer.ray.ppo_actor")
+        from hidden_align.integrations.openrlhf import trainer
+        return {
+            "pid": os.getpid(),
+            "patched": ppo_actor.ActorPPOTrainer.training_step is trainer._training_step,
+            "coef": trainer.settings().coef,
+            "own_env": os.environ.get("OWN_ENV"),
+        }
+
+    @ray.remote(num_cpus=1)
+    class Rank:  # an actor with a runtime_env of its own, as OpenRLHF gives its vLLM engines
+        def probe(self):
+            return probe()
+
+    rank = Rank.options(runtime_env={"env_vars": {"OWN_ENV": "1"}}).remote()
+    results = ray.get([rank.probe.remote(), ray.remote(probe).remote()])
+    print("RESULTS=" + json.dumps(results + [{"driver": os.getpid()}]))
+    ray.shutdown()
+"""
+
+
+def test_real_ray_workers_are_patched(orl):
+    """A local Ray cluster started through the launcher's ``ray.init``: an actor with its own
+    ``runtime_env`` and a task, each a fresh worker process, import OpenRLHF's trainer and get
+    the patched classes and the settings."""
+    pytest.importorskip("ray")
+    code = f"TESTS = {str(TESTS)!r}\n" + textwrap.dedent(RAY_JOB)
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own.
+    ray_dir = tempfile.mkdtemp(prefix="ha-ray-", dir="/tmp")
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "RAY_TMPDIR": ray_dir, "RAY_AUTH_MODE": "disabled"},
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULTS="))
+    actor, task, driver = json.loads(line.split("=", 1)[1])
+    for worker_result in (actor, task):
+        assert worker_result["pid"] != driver["driver"]
+        assert worker_result["patched"] and worker_result["coef"] == 0.3
+    assert actor["own_env"] == "1"
+
+
+# ---- two data-parallel ranks ---------------------------------------------------------------
+
+
+def _rank_worker(rank: int, init: str, path: str) -> None:
+    """One of two actor ranks (gloo): the experience maker's dispatch gives it half of the
+    micro-batches; its gradient of the one optimizer step, averaged over the ranks, is saved."""
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        with openrlhf_support.stub_modules():
+            orl = _namespace({name: importlib.import_module(name) for name in MODULES}, "?")
+        os.environ.update(Settings(coef=COEF, markers=(tuple(MARKER),)).to_env())
+        cpu_stand_ins(setattr)
+        worker.setup()
+        run = run_one_batch(orl, rank=rank, world=2, rollout_micro=3)
+        (grads,) = run.strategy.step_gradients
+        torch.save({"grads": grads, "status": run.status}, os.path.join(path, f"rank{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_give_the_one_rank_gradient(
+    orl, patched, process_group, cpu_only, monkeypatch, tmp_path
+):
+    """The rollout batch split over two gloo ranks by OpenRLHF's own dispatch (each rank's
+    micro-batches split its groups further): the step's gradient, averaged over the ranks as
+    DeepSpeed does, equals that of one rank holding the whole batch; the statistics are
+    all-reduced, and ``dp_size`` and ``global_batch_size`` scale the term as the policy loss."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    init = f"file://{tmp_path}/rendezvous"
+    procs = [ctx.Process(target=_rank_worker, args=(r, init, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    _env(monkeypatch, COEF)
+    one = run_one_batch(orl, rollout_micro=3)
+    (expected,) = one.strategy.step_gradients
+    for name, g in expected.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["grads"][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    for rank in ranks:
+        torch.testing.assert_close(
+            rank["status"][ha_trainer.METRIC_LOSS],
+            one.status[ha_trainer.METRIC_LOSS],
+            rtol=1e-4,
+            atol=0,
+        )
