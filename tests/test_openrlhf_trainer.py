@@ -287,7 +287,9 @@ def actor_group(orl, model_actor, rank=0, world=1):
     return group
 
 
-def run_one_batch(orl, *, packing=False, micro_train=3, lr=0.0, rank=0, world=1, rollout_micro=5):
+def run_one_batch(
+    orl, *, packing=False, micro_train=3, lr=0.0, rank=0, world=1, rollout_micro=5, edit=None
+):
     """One rollout batch through OpenRLHF: experience maker, replay buffer, ``fit`` (data-
     parallel rank ``rank`` of ``world``, one optimizer step). Returns the strategy (its
     recorded step gradient), the status, the model and the experiences."""
@@ -317,7 +319,10 @@ def run_one_batch(orl, *, packing=False, micro_train=3, lr=0.0, rank=0, world=1,
     maker = orl.maker.RemoteExperienceMaker(
         group, None, None, None, kl_ctl, strategy, types.SimpleNamespace(pad_token_id=0)
     )
-    experiences = maker.make_experience_batch(rollout_samples(orl.Experience))
+    samples = rollout_samples(orl.Experience)
+    if edit is not None:
+        edit(args, samples)
+    experiences = maker.make_experience_batch(samples)
     group.async_run_method_batch(method_name="append", experience=experiences)
     torch.manual_seed(3)  # the replay buffer's shuffle
     status = model_actor.fit(kl_ctl=0.0)
@@ -434,6 +439,53 @@ def test_micro_batch_scope(orl, patched, process_group, cpu_only, monkeypatch):
     assert ha_trainer.METRIC_COSINE not in run.status
 
 
+def test_correctness_is_read_before_length_penalties(
+    orl, patched, process_group, cpu_only, monkeypatch
+):
+    """OpenRLHF's length penalties change ``rewards`` in place after the experience maker's
+    forward: with ``--align.correct rewards`` the update still reads the rewards the
+    statistics were made from (here equal to the scores), so the gradient is the one read
+    from ``scores``."""
+
+    def truncate_first_rollouts(args, samples):
+        args.reward.stop_properly_penalty_coef = 0.0  # truncated rewards become 0
+        for s in samples[::N]:
+            s.truncated = torch.tensor([True])
+
+    runs = {}
+    for field in ("rewards", "scores"):
+        _env(monkeypatch, COEF, correct=field)
+        runs[field] = run_one_batch(orl, edit=truncate_first_rollouts)
+    penalised = torch.cat([e.rewards for e in runs["rewards"].experiences])
+    assert (penalised == 0).sum() > (torch.arange(len(PROMPTS) * N) % N == 1).sum()
+    (a,), (b,) = runs["rewards"].strategy.step_gradients, runs["scores"].strategy.step_gradients
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+def test_groups_numbered_on_over_rollout_batches(orl):
+    """An actor that skips ``fit`` keeps earlier rollout batches in its replay buffer: the
+    groups of each batch are numbered after the previous ones'. One rollout per prompt is
+    refused."""
+    maker = types.SimpleNamespace(args=make_args(False, 3))
+
+    def batch():
+        samples = rollout_samples(orl.Experience)
+        for i, sample in enumerate(samples):
+            sample.index = [i]  # as split_rollout_samples sets it
+        return samples
+
+    first = ha_trainer._rollout_rows(maker, batch(), "scores")
+    second = ha_trainer._rollout_rows(maker, batch(), "scores")
+    assert torch.cat([r["group"] for r in first]).tolist() == [
+        g for g in range(3) for _ in range(N)
+    ]
+    assert torch.cat([r["group"] for r in second]).unique().tolist() == [3, 4, 5]
+    maker.args.rollout.n_samples_per_prompt = 1
+    with pytest.raises(RuntimeError, match="n_samples_per_prompt is 1"):
+        ha_trainer._rollout_rows(maker, batch(), "scores")
+
+
 def test_scores_are_required(orl, patched, process_group, cpu_only, monkeypatch):
     """Rollouts without the configured score field (a reward model scores them later) are
     refused in the experience maker, naming the remedy."""
@@ -469,7 +521,7 @@ def test_training_step_without_experience_maker(orl, patched, process_group, cpu
     batch.action_log_probs = torch.zeros(batch.action_mask.shape)
     batch.advantages = torch.zeros(batch.action_mask.shape)
     trainer.replay_buffer.append(batch)
-    with pytest.raises(RuntimeError, match="experience maker's forward ran no micro-batch"):
+    with pytest.raises(RuntimeError, match="received no micro-batch"):
         trainer.ppo_train(0.0)
 
 
@@ -568,11 +620,13 @@ WORKER = """
 """
 
 
-def test_ray_worker_setup_hook_patches_on_import(orl):
+def test_ray_worker_setup_hook_patches_on_import(orl, monkeypatch):
     """A fresh process that starts as a Ray worker of the launcher's job does (the job's
     environment variables, Ray's own setup-hook loader), then imports OpenRLHF as its actors
     do: the classes it uses are patched."""
+    monkeypatch.setenv("HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF", "1")
     env = runtime_env(Settings(coef=0.3, markers=(tuple(MARKER),)))
+    assert env["env_vars"]["HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF"] == "1"
     variables = {**env["env_vars"], "HOOK": env["worker_process_setup_hook"]}
     out = _python(WORKER, env=variables)
     assert out.returncode == 0, out.stderr[-3000:]

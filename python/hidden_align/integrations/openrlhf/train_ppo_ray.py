@@ -17,9 +17,9 @@ launcher
 
 ``--help`` prints these options, then OpenRLHF's.
 
-When Ray is started elsewhere (``ray job submit``), give the job the same ``runtime_env``:
-``{"worker_process_setup_hook": "hidden_align.integrations.openrlhf.worker.setup",
-"env_vars": {"HIDDEN_ALIGN_COEF": "0.1", ...}}``.
+Under ``ray job submit``, make this launcher the job's entrypoint (its ``ray.init`` adds the
+hook and the variables to the job's runtime environment; do not give them to the job too: Ray
+refuses a key given twice). ``hidden_align`` must be installed on every node.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import runpy
 import sys
 
 from .settings import Settings
-from .versions import installed_openrlhf_version, policy_loss_class
+from .versions import ALLOW_UNTESTED
 from .worker import SETUP_HOOK, setup
 
 __all__ = ["main", "runtime_env"]
@@ -63,7 +63,10 @@ def runtime_env(settings: Settings, base: dict | None = None) -> dict:
             f"Ray runs one per job: call {SETUP_HOOK}() from it"
         )
     env["worker_process_setup_hook"] = SETUP_HOOK
-    env["env_vars"] = {**dict(env.get("env_vars") or {}), **settings.to_env()}
+    variables = settings.to_env()
+    if ALLOW_UNTESTED in os.environ:  # the workers check the OpenRLHF version too
+        variables[ALLOW_UNTESTED] = os.environ[ALLOW_UNTESTED]
+    env["env_vars"] = {**dict(env.get("env_vars") or {}), **variables}
     return env
 
 
@@ -92,8 +95,7 @@ def main(argv: list | None = None) -> None:
         print(parser.format_help())
     try:
         settings = Settings.from_arguments(namespace)
-        policy_loss_class(installed_openrlhf_version())
-    except (ValueError, ImportError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
     os.environ.update(settings.to_env())
     _wrap_ray_init(settings)

@@ -6,14 +6,17 @@ What each patch does, in the order a training step meets them:
 
 * ``RemoteExperienceMaker.make_experience`` (the PPO trainer's process): gives each rollout
   its group, OpenRLHF's own ``index // n_samples_per_prompt`` (the grouping OpenRLHF's
-  advantages use), and its score, as two entries of ``Experience.info``; they travel with
-  each row through the replay buffer's split, shuffle and re-batching, where ``index`` is
-  dropped. With the rollout scope it also hands the actor group's no-grad ``forward`` (the
-  one that computes ``action_log_probs``) the groups and scores of its micro-batches.
+  advantages use) numbered on from the previous rollout batches' (an actor that skips
+  ``fit``, ``--critic.freezing_steps``, keeps earlier batches in its replay buffer), and its
+  score, as two entries of ``Experience.info``; they travel with each row through the replay
+  buffer's split, shuffle and re-batching, where ``index`` is dropped. With the rollout scope
+  it also hands the actor group's no-grad ``forward`` (the one that computes
+  ``action_log_probs``) the groups and scores of its micro-batches.
 * ``BaseModelActor.execute_batch`` (each actor rank): runs that forward with the hook armed
   and collects the micro-batch's :func:`hidden_align.group_anchor_stats`.
-* ``ActorPPOTrainer.__init__``: installs the fused :class:`PolicyLoss` (OpenRLHF's own class
-  for GSPO) and the forward hook on the hidden state to align.
+* ``ActorPPOTrainer.__init__``: installs the forward hook on the hidden state to align. (The
+  fused :class:`PolicyLoss` replaces OpenRLHF's in ``ppo_actor`` when that module is
+  imported, whatever ``coef``; OpenRLHF's own class stays for GSPO.)
 * ``ActorPPOTrainer.ppo_train``: merges the statistics of the rank's micro-batches and
   all-reduces them over the data-parallel group (every rank runs ``fit`` together), with the
   count of non-empty rows, after the ranks agree that none failed.
@@ -27,7 +30,12 @@ rows of its optimizer step, divided by DeepSpeed's gradient-accumulation steps),
 divides each backward by the accumulation steps and averages over ranks. The share times
 ``dp_size x rows / global_batch_size`` (``rows``: the rollout batch's non-empty rows) makes
 one optimizer step's gradient that of ``(rows / step rows) x`` its shares: the whole
-rollout batch's loss when one step covers the batch, its unbiased estimate otherwise.
+rollout batch's loss when one step covers the batch. With several steps, each sees its rows'
+shares scaled up to the batch, and the steps' shares add up to the batch's loss; that is an
+unbiased estimate per step where the replay buffer shuffles rows, not where it keeps an order
+(dynamic batching sorts rows by length; tensor parallelism does not shuffle). Under dynamic
+batching ``global_batch_size`` is the step's row count and DeepSpeed accumulates over one
+micro-batch, so the same product holds.
 """
 
 from __future__ import annotations
@@ -75,6 +83,7 @@ METRIC_COSINE = "hidden_align/anchor_cosine"
 METRIC_GROUPS = "hidden_align/valid_groups"
 
 _STATE = "_hidden_align_state"
+_GROUPS_MADE = "_hidden_align_groups_made"
 _ORIGINALS = "_hidden_align_originals"
 _INACTIVE = object()
 
@@ -82,7 +91,7 @@ _INACTIVE = object()
 _COLLECT_ERROR, _NO_MICRO_BATCH, _UNSEEN = 1, 2, 3
 _REASONS = {
     _COLLECT_ERROR: "its micro-batches' anchors, groups or scores could not be read",
-    _NO_MICRO_BATCH: "the experience maker's forward ran no micro-batch with rows on it",
+    _NO_MICRO_BATCH: "it received no micro-batch in the experience maker's forward",
     _UNSEEN: "its replay buffer holds groups the statistics lack",
 }
 
@@ -193,6 +202,13 @@ def _no_autocast(device: torch.device):
 def _rollout_rows(maker, samples_list, correct: str) -> list:
     """Group and score of each micro-batch's rows; also stored in their ``info``."""
     n = int(maker.args.rollout.n_samples_per_prompt)
+    if n < 2:
+        raise RuntimeError(
+            "hidden_align: --rollout.n_samples_per_prompt is 1: every prompt's group has one "
+            "rollout and there is nothing to align; sample several per prompt or set "
+            "--align.coef 0"
+        )
+    first_group = maker.__dict__.get(_GROUPS_MADE, 0)
     rows = []
     for samples in samples_list:
         if samples.index is None:
@@ -208,11 +224,16 @@ def _rollout_rows(maker, samples_list, correct: str) -> list:
                 "reward function, --reward.remote_url or --train.agent_func_path, that returns "
                 f"'{correct}'), not a reward model; or set --align.correct to the other field"
             )
-        group = torch.tensor(samples.index, dtype=torch.int64) // n
-        score = score.detach().reshape(-1).float().cpu()
+        group = first_group + torch.tensor(samples.index, dtype=torch.int64) // n
+        # A copy: OpenRLHF's length penalties later change rewards in place, and the
+        # update must read the scores the statistics were made from.
+        score = score.detach().reshape(-1).float().cpu().clone()
         samples.info[GROUP_KEY] = group
         samples.info[SCORE_KEY] = score
         rows.append({"group": group, "score": score})
+    maker.__dict__[_GROUPS_MADE] = first_group + max(
+        (int(r["group"].max()) + 1 - first_group for r in rows if len(r["group"])), default=0
+    )
     return rows
 
 
@@ -362,10 +383,12 @@ def _reference(trainer, state: TrainerState) -> _Reference:
             if not parts:
                 raise _RankFailure(
                     _NO_MICRO_BATCH,
-                    "hidden_align: no statistics for this rollout batch: the experience "
-                    "maker's forward ran no micro-batch on this rank (it is collected in "
-                    "RemoteExperienceMaker.make_experience, which must run patched: start "
-                    "training with python -m hidden_align.integrations.openrlhf.train_ppo_ray)",
+                    "hidden_align: no statistics for this rollout batch: this rank received no "
+                    "micro-batch in the experience maker's forward (make the rollout's "
+                    "micro-batch count a multiple of the actor ranks: --rollout.batch_size x "
+                    "--rollout.n_samples_per_prompt / --rollout.micro_batch_size), or the "
+                    "experience maker ran unpatched (start training with python -m "
+                    "hidden_align.integrations.openrlhf.train_ppo_ray)",
                 )
             stats = parts[0].merge(*parts[1:])
         except Exception as exc:  # noqa: BLE001 - agreed with the other ranks below
@@ -480,11 +503,14 @@ def _alignment(trainer, state: TrainerState, experience, rows: dict, norms: dict
                 reference=reference.stats,
             )
             step_rows = norms.get("global_batch_size")
-            if step_rows is None:  # OpenRLHF's loss is then this micro-batch's own mean
-                value = share * (reference.total_rows / max(nonempty, 1))
-            else:
-                value = share * (norms.get("dp_size", 1) * reference.total_rows / step_rows)
-            # Weighted by the micro-batch's rows, these average to the rollout batch's loss.
+            if step_rows is None:
+                raise RuntimeError(
+                    "hidden_align: OpenRLHF gave its policy loss no global_batch_size: this "
+                    "OpenRLHF's normalisers are not supported"
+                )
+            value = share * (norms.get("dp_size", 1) * reference.total_rows / step_rows)
+            # OpenRLHF averages per-sample metrics weighted by each micro-batch's rows: these
+            # then average to the rollout batch's loss (exactly where no response is empty).
             logged = share.detach() * (reference.total_rows / max(nonempty, 1))
             valid_groups, cosine = reference.valid_groups, reference.mean_cosine
         else:
@@ -497,9 +523,9 @@ def _alignment(trainer, state: TrainerState, experience, rows: dict, norms: dict
                 threshold=current.threshold,
                 return_stats=True,
             )
+            logged = value.detach()
             if trainer.args.train.dynamic_batch_enable:  # as OpenRLHF scales its aux loss
                 value = value * trainer.replay_buffer.dynamic_sample_loss_scale[step]
-            logged = value.detach()
             valid_groups, cosine = int(stats["valid_groups"]), None
     info[METRIC_LOSS] = logged.float().reshape(1)
     info[METRIC_GROUPS] = torch.tensor([float(valid_groups)], device=device)

@@ -5,10 +5,11 @@ Why an import hook run by Ray's ``worker_process_setup_hook``: OpenRLHF's traine
 ranks and its experience maker live in Ray actors, separate processes that import OpenRLHF
 themselves, so patching the launcher's process alone changes nothing where the work happens.
 Ray runs the job's setup hook in every worker process before any task or actor (the launcher
-adds it to the ``runtime_env`` that OpenRLHF gives ``ray.init``). The hook only installs a
-finder on ``sys.meta_path``: OpenRLHF's modules are patched right after they execute, in the
-processes that import them (the PPO trainer, the actor ranks), and processes that never import
-them (vLLM engines, the reward model) pay nothing.
+adds it to the ``runtime_env`` that OpenRLHF gives ``ray.init``). The hook installs a finder
+on ``sys.meta_path``: OpenRLHF's modules are patched right after they execute, in the
+processes that import them (the PPO trainer, the actor ranks). Every worker of the job runs
+the hook, so every worker imports ``hidden_align`` (torch and the native library; a few
+seconds once), and ``hidden_align`` must be installed on every node.
 """
 
 from __future__ import annotations
