@@ -757,3 +757,44 @@ def test_two_ranks_give_the_one_rank_gradient(
             rtol=1e-4,
             atol=0,
         )
+
+
+VERSION_PROBE = """
+    import importlib.metadata, sys
+    real = importlib.metadata.version
+    importlib.metadata.version = lambda name: "0.10.0" if name == "openrlhf" else real(name)
+    try:
+        import hidden_align.integrations.openrlhf as integration
+    except ImportError as exc:
+        print("REFUSED", exc)
+    else:
+        print("LOADED", integration.PolicyLoss.OPENRLHF_VERSION)
+"""
+
+
+@pytest.mark.parametrize("allow", [None, "1"])
+def test_untested_openrlhf_is_refused_at_import(allow):
+    """An OpenRLHF other than 0.11.1 and 0.11.2: ``ImportError`` naming both and the override;
+    with ``HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF=1`` a warning and 0.11.1's API (older)."""
+    env = {k: v for k, v in os.environ.items() if k != "HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF"}
+    if allow:
+        env["HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF"] = allow
+    out = subprocess.run(
+        [sys.executable, "-W", "always", "-c", textwrap.dedent(VERSION_PROBE)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    if allow:
+        assert out.stdout.strip() == "LOADED 0.11.1"
+        assert "OpenRLHF 0.10.0 is untested" in out.stderr
+    else:
+        assert out.stdout.startswith("REFUSED")
+        for text in (
+            "0.11.1 and 0.11.2",
+            "OpenRLHF 0.10.0",
+            "HIDDEN_ALIGN_ALLOW_UNTESTED_OPENRLHF",
+        ):
+            assert text in out.stdout
