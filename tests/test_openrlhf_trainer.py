@@ -54,6 +54,7 @@ MARKER = [5, 6]  # "Answer:" in a tokenizer of its own
 PROMPTS = [[11, 12, 13], [21, 22], [31, 32, 33, 34]]
 N = 4  # rollouts per prompt
 COEF = 0.25
+DYNAMIC_TOKENS = 30  # dynamic batching's token budget per micro-batch: four or five of them
 
 
 def _namespace(m: dict, version: str) -> types.SimpleNamespace:
@@ -61,6 +62,7 @@ def _namespace(m: dict, version: str) -> types.SimpleNamespace:
         version=version,
         Actor=m["openrlhf.models"].Actor,
         Experience=m["openrlhf.trainer.ppo_utils.experience"].Experience,
+        experience=m["openrlhf.trainer.ppo_utils.experience"],
         maker=m["openrlhf.trainer.ppo_utils.experience_maker"],
         launcher=m["openrlhf.trainer.ray.launcher"],
         ppo_actor=m["openrlhf.trainer.ray.ppo_actor"],
@@ -146,8 +148,14 @@ class CPUStrategy:
     def all_reduce(self, data, op="mean"):
         if isinstance(data, dict):
             return {k: self.all_reduce(v, op) for k, v in data.items()}
+        dist = torch.distributed
+        reduce = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        if isinstance(data, torch.Tensor):
+            out = data.clone()
+            dist.all_reduce(out, op=reduce)
+            return out / self.world if op == "mean" else out
         value = torch.tensor(float(data), dtype=torch.float64)
-        torch.distributed.all_reduce(value)
+        dist.all_reduce(value, op=reduce)
         return value.item() / (self.world if op == "mean" else 1)
 
     def is_rank_0(self):
@@ -226,7 +234,9 @@ def make_args(packing: bool, micro_train: int):
             micro_batch_size=micro_train,
         ),
         vllm=ns(sync_backend="gloo"),
-        rollout=ns(n_samples_per_prompt=N, micro_batch_size=5, max_new_tokens=None),
+        rollout=ns(
+            batch_size=len(PROMPTS), n_samples_per_prompt=N, micro_batch_size=5, max_new_tokens=None
+        ),
         reward=ns(clip_range=None),
         data=ns(max_len=64),
     )
@@ -288,15 +298,36 @@ def actor_group(orl, model_actor, rank=0, world=1):
 
 
 def run_one_batch(
-    orl, *, packing=False, micro_train=3, lr=0.0, rank=0, world=1, rollout_micro=5, edit=None
+    orl,
+    *,
+    packing=False,
+    micro_train=3,
+    lr=0.0,
+    rank=0,
+    world=1,
+    rollout_micro=5,
+    edit=None,
+    dynamic=False,
 ):
     """One rollout batch through OpenRLHF: experience maker, replay buffer, ``fit`` (data-
     parallel rank ``rank`` of ``world``, one optimizer step). Returns the strategy (its
-    recorded step gradient), the status, the model and the experiences."""
-    args = make_args(packing, micro_train)
+    recorded step gradient), the status, the model and the experiences.
+
+    ``dynamic``: OpenRLHF's dynamic batching (packed rows, micro-batches of at most
+    ``DYNAMIC_TOKENS`` tokens balanced by length; DeepSpeed then accumulates over one
+    micro-batch and OpenRLHF steps at the end of each training batch)."""
+    args = make_args(packing or dynamic, micro_train)
     args.rollout.micro_batch_size = rollout_micro
     rows = len(PROMPTS) * N
-    strategy = CPUStrategy(args, rows // world // micro_train, world)
+    if dynamic:
+        args.train.dynamic_batch_enable = True
+        args.train.batch_size = rows  # one optimizer step
+        args.train.max_tokens_per_gpu = args.rollout.max_tokens_per_gpu = DYNAMIC_TOKENS
+        strategy = CPUStrategy(args, 1, world)
+        mesh = types.SimpleNamespace(get_group=lambda: None)  # the default group
+        strategy.ds_device_mesh = {"dp": mesh}
+    else:
+        strategy = CPUStrategy(args, rows // world // micro_train, world)
     model = tiny_qwen2()
     actor = orl.Actor(model)
     actor.packing_samples = packing  # set by Actor only when it loads a model by name
@@ -323,6 +354,8 @@ def run_one_batch(
     if edit is not None:
         edit(args, samples)
     experiences = maker.make_experience_batch(samples)
+    if dynamic:  # as OpenRLHF's trainer does before append
+        experiences = orl.experience.balance_experiences(experiences, args)
     group.async_run_method_batch(method_name="append", experience=experiences)
     torch.manual_seed(3)  # the replay buffer's shuffle
     status = model_actor.fit(kl_ctl=0.0)
@@ -357,17 +390,20 @@ def _env(monkeypatch, coef, **extra):
         monkeypatch.setenv(name, value)
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("layout", ["padded", "packed", "dynamic"])
 def test_gradient_is_policy_plus_full_batch_alignment(
-    orl, patched, process_group, cpu_only, monkeypatch, packing
+    orl, patched, process_group, cpu_only, monkeypatch, layout
 ):
-    """Micro-batches of 3 rows that split every group (shuffled by OpenRLHF's replay buffer),
-    one optimizer step: the accumulated gradient equals the policy loss's plus ``coef`` x the
-    full-batch ``ha.loss``'s."""
+    """Micro-batches of 3 rows that split every group (shuffled by OpenRLHF's replay buffer;
+    or OpenRLHF's dynamic batching, by length), one optimizer step: the accumulated gradient
+    equals the policy loss's plus ``coef`` x the full-batch ``ha.loss``'s."""
+    options = {"packing": layout == "packed", "dynamic": layout == "dynamic"}
     _env(monkeypatch, COEF)
-    with_term = run_one_batch(orl, packing=packing)
+    with_term = run_one_batch(orl, **options)
     _env(monkeypatch, 0.0)
-    without = run_one_batch(orl, packing=packing)
+    without = run_one_batch(orl, **options)
+    if layout == "dynamic":
+        assert len(with_term.trainer.replay_buffer.dynamic_indices) >= 3
     (grad_with,), (grad_without,) = (
         with_term.strategy.step_gradients,
         without.strategy.step_gradients,

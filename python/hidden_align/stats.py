@@ -56,7 +56,8 @@ def _lookup(sorted_ids: torch.Tensor, ids: torch.Tensor):
     position when absent) and whether it is there; no host read."""
     if sorted_ids.numel() == 0:
         return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_ids, ids).clamp_max(sorted_ids.numel() - 1)
+    # contiguous: searchsorted copies (and warns about) a strided input itself.
+    pos = torch.searchsorted(sorted_ids, ids.contiguous()).clamp_max(sorted_ids.numel() - 1)
     return pos, sorted_ids[pos] == ids
 
 
