@@ -177,7 +177,7 @@ def replay_buffer_device():
         torch.cuda.current_device = current
 
 
-def tiny_qwen2(dtype=torch.float32):
+def tiny_qwen2():
     transformers = pytest.importorskip("transformers")
     config = transformers.Qwen2Config(
         vocab_size=40,
@@ -189,7 +189,7 @@ def tiny_qwen2(dtype=torch.float32):
         max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).to(dtype)
+    model = transformers.Qwen2ForCausalLM(config)
     model.config.use_cache = False  # as OpenRLHF's Actor sets it
     return model
 

@@ -33,9 +33,6 @@ The value engine (``FSDPEngineWithValueHead``) and forward-only engines pass str
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-
 import torch
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
@@ -46,9 +43,17 @@ from verl.workers.engine.fsdp.transformer_impl import (
 )
 
 import hidden_align as ha
-from hidden_align._collectives import agree_on_failure, all_reduce_stats
 
-from .verl_inputs import anchor_inputs, first_tensor, hook_target, resolve_markers
+from ._layers import first_tensor, hook_target
+from ._statistics_pass import (
+    Reference,
+    _RankFailure,
+    agree,
+    all_reduced_parts,
+    no_autocast,
+    peer_failed,
+)
+from .verl_inputs import anchor_inputs, resolve_markers
 from .verl_settings import Settings
 
 __all__ = ["EngineState", "patch", "state_of"]
@@ -70,54 +75,15 @@ _REASONS = {
 }
 
 
-class _RankFailure(RuntimeError):
-    """A condition found on this rank, with the code the other ranks are told."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _peer_failed(where: str):
-    """The error of the ranks that did not fail, naming the one that did."""
-
-    def make(rank: int, code: int, failed: list) -> Exception:
-        return RuntimeError(
-            f"hidden_align: data-parallel rank {rank} failed in the {where} "
-            f"({_REASONS.get(code, f'code {code}')}; failing ranks: {failed}) and raised its "
-            "own error there; this rank stops too instead of waiting for it in a collective"
-        )
-
-    return make
-
-
 def _agree(engine, failure, where: str) -> None:
-    """Every rank of the data-parallel group raises (``failure`` where it is this rank's), or
-    none does: one small all-reduce. Without torch.distributed, ``failure`` is raised here."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        if failure is not None:
-            raise failure
-        return
-    agree_on_failure(
+    """Every rank of the data-parallel group raises, or none does (:func:`agree`)."""
+    agree(
         engine.get_data_parallel_group(),
-        transformer_impl.get_device_id(),
+        transformer_impl.get_device_id,
         failure,
-        getattr(failure, "code", _UPDATE_ERROR),
-        peer_failed=_peer_failed(where),
+        _UPDATE_ERROR,
+        peer_failed(where, _REASONS),
     )
-
-
-class _Reference:
-    """The all-reduced statistics of one old-log-prob pass and what the update needs of it."""
-
-    def __init__(self, stats, total_rows: int, source: str) -> None:
-        self.stats = stats
-        self.total_rows = total_rows
-        self.source = source
-        # Host copies, read once per pass: they become metrics of every micro-batch.
-        self.valid_groups = int(stats.valid_groups)
-        self.mean_cosine = float(stats.mean_cosine) if self.valid_groups else math.nan
 
 
 class EngineState:
@@ -194,13 +160,6 @@ def _anchor_inputs(engine, state: EngineState, data, hidden: torch.Tensor) -> di
     return inputs
 
 
-def _no_autocast(device: torch.device):
-    # forward_step runs the loss under the engine's autocast; our ops pick their own precision.
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
-
-
 # ---- the two passes ------------------------------------------------------------------------
 
 
@@ -209,7 +168,7 @@ def _collect(engine, state: EngineState, data, hidden: torch.Tensor) -> None:
         return  # the pass reports its first error; later micro-batches would repeat it
     try:
         inputs = _anchor_inputs(engine, state, data, hidden)
-        with torch.no_grad(), _no_autocast(hidden.device):
+        with torch.no_grad(), no_autocast(hidden.device):
             part = ha.group_anchor_stats(
                 hidden,
                 inputs["rows"],
@@ -225,36 +184,22 @@ def _collect(engine, state: EngineState, data, hidden: torch.Tensor) -> None:
     state.parts.append(part)
 
 
-def _reference(engine, state: EngineState, parts: list, failure, local_rows: int) -> _Reference:
-    """The statistics of the pass, merged and all-reduced; or, where any rank failed
-    (``failure`` on this one), an error on every rank, agreed before the data collectives in
-    the all-reduce that also sums the ranks' row counts."""
-    stats = None
-    if failure is None:
-        try:
-            if not parts:
-                raise _RankFailure(
-                    _NO_MICRO_BATCH,
-                    "hidden_align: the old-log-prob pass ran no micro-batch on this rank",
-                )
-            stats = parts[0].merge(*parts[1:])
-        except Exception as exc:  # noqa: BLE001 - agreed with the other ranks below
-            failure = exc
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        if failure is not None:
-            raise failure
-        return _Reference(stats, local_rows, state.source)
-    stats, rows = all_reduce_stats(
-        stats,
-        engine.get_data_parallel_group(),
-        device=transformer_impl.get_device_id(),
-        failure=failure,
-        code=getattr(failure, "code", _COLLECT_ERROR),
-        extra=local_rows,
-        peer_failed=_peer_failed("old-log-prob pass"),
+def _reference(engine, state: EngineState, parts: list, failure, local_rows: int) -> Reference:
+    """The statistics of the pass, merged and all-reduced (:func:`all_reduced_parts`); or,
+    where any rank failed (``failure`` on this one), an error on every rank."""
+    stats, rows = all_reduced_parts(
+        parts,
+        failure,
+        local_rows,
+        process_group=engine.get_data_parallel_group(),
+        device=transformer_impl.get_device_id,
+        empty=_RankFailure(
+            _NO_MICRO_BATCH, "hidden_align: the old-log-prob pass ran no micro-batch on this rank"
+        ),
+        code=_COLLECT_ERROR,
+        on_peer=peer_failed("old-log-prob pass", _REASONS),
     )
-    return _Reference(stats, rows, state.source)
+    return Reference(stats, rows, state.source)
 
 
 def _hook_missed(settings) -> str:
@@ -264,7 +209,7 @@ def _hook_missed(settings) -> str:
     )
 
 
-def _require_reference(state: EngineState) -> _Reference:
+def _require_reference(state: EngineState) -> Reference:
     if state.reference is None:
         raise _RankFailure(
             _NO_REFERENCE,
@@ -275,7 +220,7 @@ def _require_reference(state: EngineState) -> _Reference:
     return state.reference
 
 
-def _require_seen(ref: _Reference, gid) -> None:
+def _require_seen(ref: Reference, gid) -> None:
     _, found = ref.stats.lookup(gid)
     if not bool(found.all()):
         raise _RankFailure(
@@ -325,7 +270,7 @@ def _alignment(engine, state: EngineState, data) -> tuple:
             f"{ref.source!r} in the old-log-prob pass; set HIDDEN_ALIGN_CORRECT to a key both have"
         )
     _require_seen(ref, inputs["gid"])
-    with _no_autocast(hidden.device):
+    with no_autocast(hidden.device):
         share = ha.loss(
             hidden,
             inputs["rows"],

@@ -8,20 +8,16 @@ docstring of :mod:`hidden_align.integrations.verl`.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ._env import DEFAULT_MARKERS, parse_choice, parse_flag, parse_markers, parse_number
+from ._env import TermSettings, parse_flag
 
 __all__ = ["Settings"]
 
-_LOSS_TYPES = ("cosine", "centroid", "mse")
-_OCCURRENCES = ("last", "first")
-
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(TermSettings):
     """What the engine patch does; :meth:`from_env` reads it.
 
     Attributes:
@@ -45,13 +41,6 @@ class Settings:
             (:mod:`hidden_align.integrations.verl_logprobs`).
     """
 
-    coef: float = 0.1
-    markers: tuple = DEFAULT_MARKERS
-    layer: str = "norm"
-    loss_type: str = "cosine"
-    threshold: float = 0.5
-    offset: int = -1
-    occurrence: str = "last"
     correct_key: str = "acc"
     fused_logprobs: bool = False
 
@@ -65,25 +54,9 @@ class Settings:
         Returns:
             A :class:`Settings`. Raises ``ValueError`` naming the variable on a bad value.
         """
-        env = os.environ if environ is None else environ
-        markers = env.get("HIDDEN_ALIGN_MARKERS", "").strip()
-        layer = env.get("HIDDEN_ALIGN_LAYER", "").strip() or "norm"
+        env, term = cls._term_from_env(environ)
         return cls(
-            coef=parse_number(env, "HIDDEN_ALIGN_COEF", cls.coef, float),
-            markers=parse_markers(markers) if markers else DEFAULT_MARKERS,
-            layer=layer,
-            loss_type=parse_choice(env, "HIDDEN_ALIGN_LOSS_TYPE", cls.loss_type, _LOSS_TYPES),
-            threshold=parse_number(env, "HIDDEN_ALIGN_THRESHOLD", cls.threshold, float),
-            offset=parse_number(env, "HIDDEN_ALIGN_OFFSET", cls.offset, int),
-            occurrence=parse_choice(env, "HIDDEN_ALIGN_OCCURRENCE", cls.occurrence, _OCCURRENCES),
+            **term,
             correct_key=env.get("HIDDEN_ALIGN_CORRECT", "").strip() or cls.correct_key,
             fused_logprobs=parse_flag(env, "HIDDEN_ALIGN_FUSED_LOGPROBS"),
         )
-
-    @property
-    def layer_index(self) -> int | None:
-        """The decoder-layer index when :attr:`layer` is an int, else None."""
-        try:
-            return int(self.layer)
-        except ValueError:
-            return None

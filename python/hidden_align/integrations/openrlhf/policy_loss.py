@@ -54,7 +54,7 @@ from collections.abc import Sequence
 import torch
 
 from ... import dapo
-from ..._args import check_choice, check_int, require_tensor, same_device
+from ..._args import as_float, check_choice, check_int, require_tensor, same_device
 from ...errors import ArgumentError, ShapeError
 
 __all__ = ["PolicyLossV0111", "PolicyLossV0112"]
@@ -72,18 +72,12 @@ _NO_DUAL_CLIP = 1e10
 _PROB_EPS = 1e-6
 
 
-def _number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ArgumentError(f"{name}: expected a number, got {type(value).__name__}")
-    return float(value)
-
-
 def _band(name: str, threshold, when: str) -> tuple:
     """``threshold`` as ``(low, high)`` floats: a list or tuple of two numbers, low <= high.
     OpenRLHF unpacks it without a check and so would fail in ``forward`` or gate nothing."""
     if not isinstance(threshold, (list, tuple)) or len(threshold) != 2:
         raise ArgumentError(f"{name}: expected [low, high] when {when}, got {threshold!r}")
-    low, high = (_number(name, v) for v in threshold)
+    low, high = (as_float(name, v) for v in threshold)
     if not low <= high:
         raise ArgumentError(f"{name}: expected low <= high, got {threshold!r}")
     return low, high
@@ -116,9 +110,9 @@ class _FusedPolicyLoss(torch.nn.Module):
     def _set_ppo_arguments(
         self, clip_eps_low, clip_eps_high, dual_clip, token_level_loss, policy_loss_type
     ) -> None:
-        self.clip_eps_low = _number("clip_eps_low", clip_eps_low)
-        self.clip_eps_high = _number("clip_eps_high", clip_eps_high)
-        if dual_clip is not None and not _number("dual_clip", dual_clip) > 1.0:
+        self.clip_eps_low = as_float("clip_eps_low", clip_eps_low)
+        self.clip_eps_high = as_float("clip_eps_high", clip_eps_high)
+        if dual_clip is not None and not as_float("dual_clip", dual_clip) > 1.0:
             raise ArgumentError(f"dual_clip: expected None or a number > 1, got {dual_clip!r}")
         self.dual_clip = dual_clip
         self.token_level_loss = bool(token_level_loss)

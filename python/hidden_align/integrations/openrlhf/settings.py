@@ -14,12 +14,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from .._env import DEFAULT_MARKERS, parse_choice, parse_markers, parse_number
+from .._env import TermSettings, parse_choice
 
 __all__ = ["Settings"]
 
-LOSS_TYPES = ("cosine", "centroid", "mse")
-OCCURRENCES = ("last", "first")
 CORRECT_FIELDS = ("scores", "rewards")
 SCOPES = ("rollout", "micro_batch")
 
@@ -74,7 +72,7 @@ _OPTIONS = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(TermSettings):
     """What the OpenRLHF patches do.
 
     Attributes:
@@ -94,13 +92,6 @@ class Settings:
             micro-batch's groups alone, no statistics pass).
     """
 
-    coef: float = 0.1
-    markers: tuple = DEFAULT_MARKERS
-    layer: str = "norm"
-    loss_type: str = "cosine"
-    threshold: float = 0.5
-    offset: int = -1
-    occurrence: str = "last"
     correct: str = "scores"
     scope: str = "rollout"
 
@@ -108,16 +99,9 @@ class Settings:
     def from_env(cls, environ: Mapping | None = None) -> Settings:
         """Settings from ``HIDDEN_ALIGN_*`` variables (defaults where unset); ``ValueError``
         naming the variable on a bad value."""
-        env = os.environ if environ is None else environ
-        markers = env.get("HIDDEN_ALIGN_MARKERS", "").strip()
+        env, term = cls._term_from_env(environ)
         return cls(
-            coef=parse_number(env, "HIDDEN_ALIGN_COEF", cls.coef, float),
-            markers=parse_markers(markers) if markers else DEFAULT_MARKERS,
-            layer=env.get("HIDDEN_ALIGN_LAYER", "").strip() or cls.layer,
-            loss_type=parse_choice(env, "HIDDEN_ALIGN_LOSS_TYPE", cls.loss_type, LOSS_TYPES),
-            threshold=parse_number(env, "HIDDEN_ALIGN_THRESHOLD", cls.threshold, float),
-            offset=parse_number(env, "HIDDEN_ALIGN_OFFSET", cls.offset, int),
-            occurrence=parse_choice(env, "HIDDEN_ALIGN_OCCURRENCE", cls.occurrence, OCCURRENCES),
+            **term,
             correct=parse_choice(env, "HIDDEN_ALIGN_CORRECT", cls.correct, CORRECT_FIELDS),
             scope=parse_choice(env, "HIDDEN_ALIGN_SCOPE", cls.scope, SCOPES),
         )
@@ -132,14 +116,6 @@ class Settings:
                 value = json.dumps([m if isinstance(m, str) else list(m) for m in value])
             out[_OPTIONS[f.name][0]] = str(value)
         return out
-
-    @property
-    def layer_index(self) -> int | None:
-        """The decoder-layer index when :attr:`layer` is an int, else None."""
-        try:
-            return int(self.layer)
-        except ValueError:
-            return None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -40,17 +40,21 @@ micro-batch, so the same product holds.
 
 from __future__ import annotations
 
-import math
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 
 import hidden_align as ha
-from hidden_align._collectives import agree_on_failure, all_reduce_stats
 
 from .._layers import first_tensor, hook_target
 from .._markers import resolve_markers
+from .._statistics_pass import (
+    Reference,
+    _RankFailure,
+    agree,
+    all_reduced_parts,
+    no_autocast,
+    peer_failed,
+)
 from .settings import Settings
 from .versions import policy_loss_class
 
@@ -102,29 +106,7 @@ def settings() -> Settings:
     return Settings.from_env()
 
 
-class _RankFailure(RuntimeError):
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _peer_failed(rank: int, code: int, failed: list) -> Exception:
-    return RuntimeError(
-        f"hidden_align: data-parallel rank {rank} failed before the alignment statistics were "
-        f"all-reduced ({_REASONS.get(code, f'code {code}')}; failing ranks: {failed}) and "
-        "raised its own error there; this rank stops too instead of waiting for it"
-    )
-
-
-class _Reference:
-    """The all-reduced statistics of one rollout batch and its non-empty row count."""
-
-    def __init__(self, stats, total_rows: int) -> None:
-        self.stats = stats
-        self.total_rows = total_rows
-        # Host copies, read once per rollout batch: they are metrics of every micro-batch.
-        self.valid_groups = int(stats.valid_groups)
-        self.mean_cosine = float(stats.mean_cosine) if self.valid_groups else math.nan
+_on_peer = peer_failed("statistics pass", _REASONS)
 
 
 class TrainerState:
@@ -188,12 +170,6 @@ def _as_tensor(values) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.reshape(-1)
     return torch.stack([torch.as_tensor(v).reshape(()) for v in values])
-
-
-def _no_autocast(device: torch.device):
-    if device.type in ("cuda", "cpu"):
-        return torch.autocast(device_type=device.type, enabled=False)
-    return nullcontext()
 
 
 # ---- the experience maker (the PPO trainer's process) ----------------------------------------
@@ -271,7 +247,7 @@ def _collect(trainer, state: TrainerState, kwargs: dict, rows: dict, hidden) -> 
     try:
         if hidden is None:
             raise RuntimeError(_hook_missed(state.settings))
-        with torch.no_grad(), _no_autocast(hidden.device):
+        with torch.no_grad(), no_autocast(hidden.device):
             states, anchors = _anchor_rows(
                 trainer,
                 state,
@@ -370,51 +346,37 @@ def _init(self, strategy, actor, *args, **kwargs):
     self.__dict__[_STATE] = state
 
 
-def _reference(trainer, state: TrainerState) -> _Reference:
-    """The statistics of the rollout batch's experience forward, merged and all-reduced; or,
-    where any rank failed, an error on every rank, agreed before the data collectives."""
+def _reference(trainer, state: TrainerState) -> Reference:
+    """The statistics of the rollout batch's experience forward, merged and all-reduced
+    (:func:`all_reduced_parts`); or, where any rank failed, an error on every rank."""
     parts, failure = state.parts, state.failure
     state.parts, state.failure = [], None
     items = trainer.replay_buffer.items
     local_rows = sum(int(bool(item.action_mask.any())) for item in items)
-    stats = None
-    if failure is None:
-        try:
-            if not parts:
-                raise _RankFailure(
-                    _NO_MICRO_BATCH,
-                    "hidden_align: no statistics for this rollout batch: this rank received no "
-                    "micro-batch in the experience maker's forward (make the rollout's "
-                    "micro-batch count a multiple of the actor ranks: --rollout.batch_size x "
-                    "--rollout.n_samples_per_prompt / --rollout.micro_batch_size), or the "
-                    "experience maker ran unpatched (start training with python -m "
-                    "hidden_align.integrations.openrlhf.train_ppo_ray)",
-                )
-            stats = parts[0].merge(*parts[1:])
-        except Exception as exc:  # noqa: BLE001 - agreed with the other ranks below
-            failure = exc
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        if failure is not None:
-            raise failure
-        reference = _Reference(stats, local_rows)
-    else:
-        group = _dp_group(trainer.strategy)
-        stats, total = all_reduce_stats(
-            stats,
-            group,
-            device=_device(),
-            failure=failure,
-            code=getattr(failure, "code", _COLLECT_ERROR),
-            extra=local_rows,
-            peer_failed=_peer_failed,
-        )
-        reference = _Reference(stats, total)
+    stats, total = all_reduced_parts(
+        parts,
+        failure,
+        local_rows,
+        process_group=_dp_group(trainer.strategy),
+        device=_device,
+        empty=_RankFailure(
+            _NO_MICRO_BATCH,
+            "hidden_align: no statistics for this rollout batch: this rank received no "
+            "micro-batch in the experience maker's forward (make the rollout's micro-batch "
+            "count a multiple of the actor ranks: --rollout.batch_size x "
+            "--rollout.n_samples_per_prompt / --rollout.micro_batch_size), or the experience "
+            "maker ran unpatched (start training with python -m "
+            "hidden_align.integrations.openrlhf.train_ppo_ray)",
+        ),
+        code=_COLLECT_ERROR,
+        on_peer=_on_peer,
+    )
+    reference = Reference(stats, total)
     _check_seen(trainer, reference, items)
     return reference
 
 
-def _check_seen(trainer, reference: _Reference, items) -> None:
+def _check_seen(trainer, reference: Reference, items) -> None:
     """Every group of the rank's replay buffer is in the statistics, on every rank together
     (a training step would otherwise raise on one rank mid-step)."""
     failure = None
@@ -436,18 +398,7 @@ def _check_seen(trainer, reference: _Reference, items) -> None:
                 )
     except Exception as exc:  # noqa: BLE001 - agreed with the other ranks below
         failure = exc
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        if failure is not None:
-            raise failure
-        return
-    agree_on_failure(
-        _dp_group(trainer.strategy),
-        _device(),
-        failure,
-        getattr(failure, "code", _UNSEEN),
-        peer_failed=_peer_failed,
-    )
+    agree(_dp_group(trainer.strategy), _device, failure, _UNSEEN, _on_peer)
 
 
 def _ppo_train(self, *args, **kwargs):
@@ -483,9 +434,9 @@ def _alignment(trainer, state: TrainerState, experience, rows: dict, norms: dict
     )
     device = hidden.device
     score, group = rows["score"].to(device), rows["group"].to(device)
-    nonempty = int(experience.action_mask.reshape(len(score), -1).any(-1).sum())
     info = experience.info
-    with _no_autocast(device):
+    options = {"group_ids": group, "loss_type": current.loss_type, "threshold": current.threshold}
+    with no_autocast(device):
         if current.scope == "rollout":
             reference = state.reference
             if reference is None:
@@ -493,15 +444,7 @@ def _alignment(trainer, state: TrainerState, experience, rows: dict, norms: dict
                     "hidden_align: no statistics for this micro-batch: training_step ran "
                     "outside ppo_train"
                 )
-            share = ha.loss(
-                states,
-                anchors,
-                score,
-                group_ids=group,
-                loss_type=current.loss_type,
-                threshold=current.threshold,
-                reference=reference.stats,
-            )
+            share = ha.loss(states, anchors, score, reference=reference.stats, **options)
             step_rows = norms.get("global_batch_size")
             if step_rows is None:
                 raise RuntimeError(
@@ -511,24 +454,18 @@ def _alignment(trainer, state: TrainerState, experience, rows: dict, norms: dict
             value = share * (norms.get("dp_size", 1) * reference.total_rows / step_rows)
             # OpenRLHF averages per-sample metrics weighted by each micro-batch's rows: these
             # then average to the rollout batch's loss (exactly where no response is empty).
-            logged = share.detach() * (reference.total_rows / max(nonempty, 1))
+            # (A device tensor: no host read per micro-batch.)
+            nonempty = experience.action_mask.reshape(len(score), -1).any(-1).sum().clamp(min=1)
+            logged = share.detach() * (reference.total_rows / nonempty.to(device))
             valid_groups, cosine = reference.valid_groups, reference.mean_cosine
         else:
-            value, stats = ha.loss(
-                states,
-                anchors,
-                score,
-                group_ids=group,
-                loss_type=current.loss_type,
-                threshold=current.threshold,
-                return_stats=True,
-            )
+            value, stats = ha.loss(states, anchors, score, return_stats=True, **options)
             logged = value.detach()
             if trainer.args.train.dynamic_batch_enable:  # as OpenRLHF scales its aux loss
                 value = value * trainer.replay_buffer.dynamic_sample_loss_scale[step]
-            valid_groups, cosine = int(stats["valid_groups"]), None
+            valid_groups, cosine = stats["valid_groups"], None  # 0-d: no host read
     info[METRIC_LOSS] = logged.float().reshape(1)
-    info[METRIC_GROUPS] = torch.tensor([float(valid_groups)], device=device)
+    info[METRIC_GROUPS] = torch.as_tensor(valid_groups, dtype=torch.float32, device=device)[None]
     if cosine is not None and valid_groups:  # the same on every rank and micro-batch
         info[METRIC_COSINE] = torch.tensor([cosine], device=device)
     return current.coef * value

@@ -24,55 +24,35 @@ __all__ = ["SETUP_HOOK", "restore", "setup"]
 SETUP_HOOK = f"{__name__}.setup"
 
 
-def _patch_launcher(module) -> None:
-    from .trainer import patch_model_actor
-
-    patch_model_actor(module.BaseModelActor)
-
-
-def _patch_ppo_actor(module) -> None:
-    from .trainer import patch_actor_trainer, patch_policy_loss
-
-    patch_policy_loss(module)
-    patch_actor_trainer(module.ActorPPOTrainer)
-
-
-def _patch_experience_maker(module) -> None:
-    from .trainer import patch_experience_maker
-
-    patch_experience_maker(module.RemoteExperienceMaker)
-
-
-def _restore_launcher(module) -> None:
-    from .trainer import unwrap
-
-    unwrap(module.BaseModelActor)
-
-
-def _restore_ppo_actor(module) -> None:
-    from .trainer import unpatch_policy_loss, unwrap
-
-    unpatch_policy_loss(module)
-    unwrap(module.ActorPPOTrainer)
-
-
-def _restore_experience_maker(module) -> None:
-    from .trainer import unwrap
-
-    unwrap(module.RemoteExperienceMaker)
-
-
-RESTORES = {
-    "openrlhf.trainer.ray.launcher": _restore_launcher,
-    "openrlhf.trainer.ray.ppo_actor": _restore_ppo_actor,
-    "openrlhf.trainer.ppo_utils.experience_maker": _restore_experience_maker,
+# The module -> its class whose methods trainer.py wraps, and the trainer.py function that
+# wraps them. ppo_actor's PolicyLoss is replaced besides (patch_policy_loss).
+WRAPPED = {
+    "openrlhf.trainer.ray.launcher": ("BaseModelActor", "patch_model_actor"),
+    "openrlhf.trainer.ray.ppo_actor": ("ActorPPOTrainer", "patch_actor_trainer"),
+    "openrlhf.trainer.ppo_utils.experience_maker": (
+        "RemoteExperienceMaker",
+        "patch_experience_maker",
+    ),
 }
+_PPO_ACTOR = "openrlhf.trainer.ray.ppo_actor"
 
-PATCHES = {
-    "openrlhf.trainer.ray.launcher": _patch_launcher,
-    "openrlhf.trainer.ray.ppo_actor": _patch_ppo_actor,
-    "openrlhf.trainer.ppo_utils.experience_maker": _patch_experience_maker,
-}
+
+def _patch(module) -> None:
+    from . import trainer  # imported by the hook only where OpenRLHF is
+
+    class_name, wrap = WRAPPED[module.__name__]
+    if module.__name__ == _PPO_ACTOR:
+        trainer.patch_policy_loss(module)
+    getattr(trainer, wrap)(getattr(module, class_name))
+
+
+def _restore(module) -> None:
+    from . import trainer
+
+    class_name, _ = WRAPPED[module.__name__]
+    if module.__name__ == _PPO_ACTOR:
+        trainer.unpatch_policy_loss(module)
+    trainer.unwrap(getattr(module, class_name))
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -97,8 +77,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
         self._finding = set()
 
     def find_spec(self, name, path=None, target=None):
-        patch = PATCHES.get(name)
-        if patch is None or name in self._finding:
+        if name not in WRAPPED or name in self._finding:
             return None
         self._finding.add(name)
         try:
@@ -107,7 +86,7 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
             self._finding.discard(name)
         if spec is None or spec.loader is None:
             return None
-        spec.loader = _PatchingLoader(spec.loader, patch)
+        spec.loader = _PatchingLoader(spec.loader, _patch)
         return spec
 
 
@@ -117,17 +96,17 @@ def setup() -> None:
     (``runtime_env={"worker_process_setup_hook": SETUP_HOOK}``)."""
     if not any(isinstance(finder, _PatchOnImport) for finder in sys.meta_path):
         sys.meta_path.insert(0, _PatchOnImport())
-    for name, patch in PATCHES.items():
+    for name in WRAPPED:
         module = sys.modules.get(name)
         if module is not None:
-            patch(module)
+            _patch(module)
 
 
 def restore() -> None:
     """Undo :func:`setup` in this process: the finder removed, OpenRLHF's own methods and
     ``PolicyLoss`` put back in the modules already imported."""
     sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _PatchOnImport)]
-    for name, undo in RESTORES.items():
+    for name in WRAPPED:
         module = sys.modules.get(name)
         if module is not None:
-            undo(module)
+            _restore(module)
