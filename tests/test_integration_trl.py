@@ -113,12 +113,14 @@ def make_model(tokenizer):
     return Qwen2ForCausalLM(config)
 
 
-def make_trainer(cls, tokenizer, out_dir, **extra):
+def make_trainer(cls, tokenizer, out_dir, accumulation=2, per_generation=None, **extra):
     args = GRPOConfig(
         output_dir=str(out_dir),
         use_cpu=True,
         per_device_train_batch_size=8,
-        gradient_accumulation_steps=2,  # a generation batch of 16, shuffled into 2 micro-batches
+        # By default a generation batch of 16, shuffled into 2 micro-steps of one optimiser step.
+        gradient_accumulation_steps=accumulation,
+        steps_per_generation=per_generation,
         num_generations=GROUP,
         max_completion_length=12,
         max_steps=2,
@@ -146,33 +148,30 @@ def train(cls, tokenizer, out_dir, **extra):
     trainer.train()
     params = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
     steps = [log for log in trainer.state.log_history if "loss" in log]
-    return params, steps
+    return params, steps, getattr(trainer, "align_statistics_source", None)
 
 
-@pytest.fixture(scope="module")
-def runs(tokenizer, markers, tmp_path_factory):
+# (gradient_accumulation_steps, steps_per_generation, where the statistics come from): one
+# generation per optimiser step, where TRL runs no no-grad pass; and a generation batch over two
+# optimiser steps, where TRL's pass for old_per_token_logps serves the statistics.
+SCHEDULES = {"own_pass": (2, None), "trl_pass": (2, 4)}
+
+
+@pytest.fixture(scope="module", params=sorted(SCHEDULES))
+def runs(request, tokenizer, markers, tmp_path_factory):
     out = tmp_path_factory.mktemp("trl")
+    accumulation, per_generation = SCHEDULES[request.param]
+    schedule = {"accumulation": accumulation, "per_generation": per_generation}
+    align = {"align_markers": markers, "align_reward": "correct", **schedule}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return {
-            "plain": train(GRPOTrainer, tokenizer, out),
-            "zero": train(
-                HiddenAlignGRPOTrainer,
-                tokenizer,
-                out,
-                align_coef=0.0,
-                align_markers=markers,
-                align_reward="correct",
-            ),
-            "align": train(
-                HiddenAlignGRPOTrainer,
-                tokenizer,
-                out,
-                align_coef=COEF,
-                align_markers=markers,
-                align_reward="correct",
-            ),
+        result = {
+            "plain": train(GRPOTrainer, tokenizer, out, **schedule),
+            "zero": train(HiddenAlignGRPOTrainer, tokenizer, out, align_coef=0.0, **align),
+            "align": train(HiddenAlignGRPOTrainer, tokenizer, out, align_coef=COEF, **align),
         }
+    assert result["zero"][2] == result["align"][2] == request.param
+    return result
 
 
 METRICS = ("hidden_align/align_loss", "hidden_align/anchor_cosine")
@@ -222,7 +221,7 @@ def _grads(loss, params):
     return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
 
 
-def test_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_path):
+def test_micro_batch_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = make_trainer(
@@ -232,6 +231,7 @@ def test_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_p
             align_coef=COEF,
             align_markers=markers,
             align_reward="correct",
+            align_scope="micro_batch",
         )
     model = trainer.model
     model.train()
@@ -286,6 +286,92 @@ def test_term_equals_ha_loss_on_separate_hidden_states(tokenizer, markers, tmp_p
                 torch.testing.assert_close(got, zero, rtol=0, atol=0)
             else:
                 torch.testing.assert_close(got - zero, ref, rtol=1e-4, atol=1e-6)
+
+
+def _labels_and_rewards(tokenizer, inputs):
+    """Each row's prompt index and reward, read from its tokens."""
+    prompts = tokenizer.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)
+    label = torch.tensor([PROMPTS.index(p) for p in prompts])
+    completions = tokenizer.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
+    return label, torch.tensor(correct(completions, [ANSWERS[i] for i in label]))
+
+
+# (gradient_accumulation_steps, steps_per_generation, where the statistics come from)
+MICRO_STEP_CASES = [(1, 1, "forward"), (2, 2, "own_pass"), (2, 4, "trl_pass"), (1, 2, "trl_pass")]
+
+
+@pytest.mark.parametrize(("accumulation", "per_generation", "source"), MICRO_STEP_CASES)
+def test_micro_steps_add_up_to_the_generation_batch_loss(
+    tokenizer, markers, tmp_path, monkeypatch, accumulation, per_generation, source
+):
+    """Through TRL's own ``_prepare_inputs`` (generate, shuffle, split into micro-steps): the
+    term's gradient, accumulated over the micro-steps of one generation batch, is
+    ``align_coef x steps_per_generation / gradient_accumulation_steps x`` the gradient of
+    ``hidden_align.loss`` over the whole generation batch (``align_coef x`` that gradient per
+    optimiser step), with hidden states, anchors, rewards and groups computed here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(
+            HiddenAlignGRPOTrainer,
+            tokenizer,
+            tmp_path,
+            accumulation=accumulation,
+            per_generation=per_generation,
+            align_coef=COEF,
+            align_markers=markers,
+            align_reward="correct",
+        )
+    if source != "own_pass":  # the statistics must then cost no forward of their own
+        monkeypatch.setattr(trainer, "_align_own_pass", None)
+    model = trainer.model
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    trainer.current_gradient_accumulation_steps = accumulation
+    params = [p for p in model.parameters() if p.requires_grad]
+    term = [torch.zeros_like(p) for p in params]
+    value = torch.zeros(())
+    generation = next(iter(trainer.get_train_dataloader()))
+    for step in range(per_generation):
+        trainer._step = step
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            inputs = trainer._prepare_inputs(generation)
+        trainer.align_coef = 0.0
+        base = trainer.compute_loss(model, inputs)
+        trainer.align_coef = COEF
+        total = trainer.compute_loss(model, inputs)
+        value += (total - base).detach()
+        for acc, got, zero in zip(term, _grads(total, params), _grads(base, params)):
+            if got is not None:
+                acc += got - zero
+    assert trainer.align_statistics_source == source
+
+    # The whole generation batch, in one forward: the buffered micro-steps hold all its rows.
+    rows = {
+        key: torch.cat([batch[key] for batch in trainer._buffered_inputs])
+        for key in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")
+    }
+    label, rewards = _labels_and_rewards(tokenizer, rows)
+    assert len(label) == 8 * per_generation
+    token_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
+    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
+    in_completion = torch.cat([torch.zeros_like(rows["prompt_mask"]), rows["completion_mask"]], 1)
+    anchors = ha.find_anchors(token_ids, in_completion, markers)
+    out = model(
+        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
+    )
+    full, stats = ha.loss(
+        out.hidden_states[-1], anchors, rewards, group_ids=label, return_stats=True
+    )
+    assert int(stats["valid_groups"]) >= 2
+    factor = COEF * per_generation / accumulation
+    torch.testing.assert_close(value, factor * full.detach(), rtol=1e-5, atol=1e-6)
+    expected = _grads(factor * full, params)
+    assert any(g is not None and g.abs().max() > 0 for g in expected)
+    for got, ref in zip(term, expected):
+        torch.testing.assert_close(
+            got, torch.zeros_like(got) if ref is None else ref, rtol=1e-4, atol=1e-6
+        )
 
 
 def test_markers_in_tool_output_are_not_anchors(tokenizer, markers, tmp_path):

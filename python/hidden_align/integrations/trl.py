@@ -35,18 +35,37 @@ from .._args import as_float, check_choice, check_int
 from ..align import loss as align_loss
 from ..anchors import find_anchors
 from ..errors import ArgumentError, HiddenAlignError, ShapeError
+from ..stats import group_anchor_stats
 from ._markers import resolve_markers
+from ._statistics_pass import no_autocast
+from .trl_statistics import AnchorRows, collecting, hidden_of, reduce_over_processes
 
 # HiddenAlignGRPOTrainer comes from the module __getattr__ below.
 __all__ = ["HiddenAlignGRPOMixin", "HiddenAlignGRPOTrainer"]  # noqa: F822
 
 _LOSS_TYPES = ("cosine", "centroid", "mse", "contrastive")
+_SCOPES = ("batch", "micro_batch")
 # Per-completion columns added to TRL's batch: TRL shuffles and splits every [B] tensor of its
 # batch in unison, so these stay attached to their rows.
 REWARD_KEY = "hidden_align_reward"
 GROUP_KEY = "hidden_align_group"
 _METRICS = ("align_loss", "anchor_cosine", "anchored_fraction", "valid_groups")
 _INSTALL = "pip install trl"
+# The multimodal entries of a batch that TRL's forward takes, as _compute_loss passes them.
+# The value of _align_pass_rows while TRL's no-grad pass is awaited.
+_ARMED = object()
+_FORWARD_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
 
 
 def _check_coef(value) -> float:
@@ -98,14 +117,6 @@ def _decoder_layers(backbone: nn.Module) -> nn.ModuleList | None:
     return min(candidates, key=lambda c: c[:2])[2] if candidates else None
 
 
-def _hidden_of(output):
-    """The hidden states in a module's output: a ``BaseModelOutput``, a tuple or a tensor."""
-    hidden = getattr(output, "last_hidden_state", None)
-    if hidden is not None:
-        return hidden
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 class HiddenAlignGRPOMixin:
     """Adds the Hidden-Align term to a ``GRPOTrainer`` (see :class:`HiddenAlignGRPOTrainer`).
 
@@ -124,10 +135,18 @@ class HiddenAlignGRPOMixin:
         align_loss_type: str = "cosine",
         align_layer: int | None = None,
         align_offset: int = -1,
+        align_scope: str = "batch",
         **kwargs,
     ):
         # What can be checked without the model is checked before TRL loads it.
         self.align_coef = _check_coef(align_coef)
+        check_choice("align_scope", align_scope, _SCOPES)
+        if align_scope == "batch" and align_loss_type == "contrastive":
+            raise ArgumentError(
+                "align_loss_type: 'contrastive' cannot be shared out over micro-steps and "
+                "processes; use align_scope='micro_batch' with it, or another loss type"
+            )
+        self.align_scope = align_scope
         _check_markers_given(align_markers)
         if align_reward is not None and not isinstance(align_reward, str):
             raise ArgumentError(
@@ -143,6 +162,11 @@ class HiddenAlignGRPOMixin:
         check_int("align_offset", align_offset, optional=False)
         self.align_offset = align_offset
         self._align_rewards = None
+        # The statistics of the current generation batch (align_scope="batch"), where they
+        # came from, and the rows gathered while TRL's own no-grad pass runs.
+        self._align_reference = None
+        self.align_statistics_source = None
+        self._align_pass_rows = None
         super().__init__(*args, **kwargs)
 
         names = list(self.reward_func_names)
@@ -183,7 +207,15 @@ class HiddenAlignGRPOMixin:
 
     def _generate_and_score_completions(self, inputs):
         self._align_rewards = None
-        output = super()._generate_and_score_completions(inputs)
+        mode = "train" if self.model.training else "eval"
+        if self.align_scope == "batch" and mode == "train":
+            # A new generation batch: the statistics of the last one no longer apply.
+            self._align_reference, self.align_statistics_source = None, None
+            self._align_pass_rows = _ARMED if self._align_trl_runs_pass() else None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            pass_rows, self._align_pass_rows = self._align_pass_rows, None
         rewards, self._align_rewards = self._align_rewards, None
         if rewards is None:
             raise RuntimeError(
@@ -200,13 +232,123 @@ class HiddenAlignGRPOMixin:
                 f"({local} completions on each of {self.accelerator.num_processes} processes), "
                 f"got {rewards.shape[0]}"
             )
-        mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         device = output["completion_ids"].device
         output[REWARD_KEY] = rewards[start : start + local].to(device)
         # Labels from the position before TRL shuffles the rows; the loss takes them in any order.
         output[GROUP_KEY] = torch.arange(start, start + local, device=device) // group_size
+        # A tool mask (env_mask of a rollout_func) came after the pass's anchors were found
+        # without it: the statistics then come from a pass of their own.
+        if isinstance(pass_rows, AnchorRows) and "tool_mask" not in output:
+            self._align_reference = reduce_over_processes(
+                lambda: pass_rows.statistics(
+                    output[REWARD_KEY], output[GROUP_KEY], self.align_threshold
+                ),
+                device,
+            )
+            self.align_statistics_source = "trl_pass"
         return output
+
+    # ---- the statistics of the generation batch (align_scope="batch") ------------------------
+
+    def _align_trl_runs_pass(self) -> bool:
+        """Whether TRL computes ``old_per_token_logps`` in a no-grad pass over the generation
+        batch (its own condition), where one micro-step does not hold the whole batch. Not
+        with tools: that pass does not see which completion tokens are tool output."""
+        if self.args.steps_per_generation == 1 or getattr(self, "tools", None):
+            return False
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        vllm_correction = getattr(self, "use_vllm", False) and getattr(
+            self, "vllm_importance_sampling_correction", False
+        )
+        return self.args.gradient_accumulation_steps % generate_every != 0 or vllm_correction
+
+    def _get_per_token_logps_and_entropies(
+        self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+    ):
+        if (
+            self._align_pass_rows is not _ARMED
+            or model is not self.model
+            or torch.is_grad_enabled()
+        ):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # The policy's first no-grad pass while a generation batch is scored: the one for
+        # old_per_token_logps (the reference model's comes after it). TRL chunks it by
+        # batch_size; each chunk's forward leaves its anchor rows.
+        chunk = kwargs.get("batch_size", args[0] if args else None) or input_ids.shape[0]
+        in_completion = attention_mask.clone()
+        in_completion[:, : in_completion.shape[1] - logits_to_keep] = 0
+        rows = AnchorRows(self._align_anchors(input_ids, in_completion), chunk)
+        self._align_pass_rows = rows
+        with collecting(self._align_capture_module(model), rows):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+
+    def _align_own_pass(self):
+        """The statistics of the buffered generation batch from a no-grad forward of its
+        micro-batches, run as TRL runs its own no-grad pass."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        batches = getattr(self, "_buffered_inputs", None)
+        if not batches:
+            raise HiddenAlignError(
+                "HiddenAlignGRPOTrainer: no buffered generation batch to collect the alignment "
+                "statistics from (TRL's _buffered_inputs is empty); this TRL version is not "
+                "supported (tested with 1.16)"
+            )
+        module = self._align_capture_module(self.model)
+        gathered = []
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+        ):
+            for batch in batches:
+                token_ids, in_completion = self._align_tokens(batch)
+                rows = AnchorRows(self._align_anchors(token_ids, in_completion), len(token_ids))
+                attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+                with collecting(module, rows):
+                    super()._get_per_token_logps_and_entropies(
+                        self.model,
+                        token_ids,
+                        attention,
+                        batch["completion_ids"].shape[1],
+                        batch_size=len(token_ids),
+                        **{key: batch.get(key) for key in _FORWARD_KEYS},
+                    )
+                gathered.append((rows, batch))
+
+        def part():
+            parts = [
+                rows.statistics(batch[REWARD_KEY], batch[GROUP_KEY], self.align_threshold)
+                for rows, batch in gathered
+            ]
+            return parts[0].merge(*parts[1:])
+
+        return reduce_over_processes(part, self.accelerator.device)
+
+    def _align_reference_before_forward(self, mode: str):
+        """The generation batch's statistics where they exist before this micro-step's forward:
+        TRL's pass, or a pass of our own, run now at the generation batch's first micro-step
+        whatever ``align_coef`` (the metrics of a baseline run with 0 then mean what they
+        mean with the term). None where the forward gives them (:meth:`_align_from_forward`)
+        and with ``align_scope="micro_batch"``."""
+        if self.align_scope != "batch" or self._align_from_forward(mode):
+            return None
+        if self._align_reference is None:
+            device = self.accelerator.device
+            # Without drawing random numbers (dropout in train mode): with align_coef 0 the
+            # run stays plain GRPOTrainer's, bit for bit.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self._align_reference = self._align_own_pass()
+            self.align_statistics_source = "own_pass"
+        return self._align_reference
+
+    def _align_from_forward(self, mode: str) -> bool:
+        """Whether one micro-step holds this process's whole generation batch."""
+        return mode == "eval" or self.args.steps_per_generation == 1
 
     # ---- the loss --------------------------------------------------------------------------
 
@@ -228,7 +370,38 @@ class HiddenAlignGRPOMixin:
             )
         return layers[self.align_layer]
 
-    def compute_align_loss(self, inputs: dict, hidden: torch.Tensor) -> tuple:
+    def _align_tokens(self, inputs: dict) -> tuple:
+        """``(token_ids, in_completion)`` of a batch: prompt and completion tokens, and where
+        the model's own completion tokens are (the markers are searched there)."""
+        missing = [key for key in (REWARD_KEY, GROUP_KEY) if key not in inputs]
+        if missing:
+            raise ArgumentError(
+                f"inputs: missing {missing}: the batch must come from this trainer's "
+                "_generate_and_score_completions"
+            )
+        token_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+        completion_mask = inputs["completion_mask"]
+        if inputs.get("tool_mask") is not None:
+            # Tool results and environment output (tool_mask 0) are not the model's own text,
+            # and TRL leaves them out of its loss: a marker printed there is no anchor.
+            completion_mask = completion_mask * inputs["tool_mask"]
+        in_completion = torch.cat([torch.zeros_like(inputs["prompt_mask"]), completion_mask], dim=1)
+        return token_ids, in_completion
+
+    def _align_anchors(self, token_ids, in_completion) -> torch.Tensor:
+        return find_anchors(token_ids, in_completion, self.align_markers, offset=self.align_offset)
+
+    def _align_anchors_of(self, inputs: dict, hidden: torch.Tensor) -> torch.Tensor:
+        """The anchors of a batch whose hidden states are ``hidden``."""
+        token_ids, in_completion = self._align_tokens(inputs)
+        if tuple(hidden.shape[:2]) != tuple(token_ids.shape):
+            raise ShapeError(
+                f"hidden: expected [B, P + C, H] with [B, P + C] = {list(token_ids.shape)} "
+                f"(prompt and completion tokens), got shape {list(hidden.shape)}"
+            )
+        return self._align_anchors(token_ids, in_completion)
+
+    def compute_align_loss(self, inputs: dict, hidden: torch.Tensor, reference=None) -> tuple:
         """The alignment loss of one batch of TRL's, before the coefficient and any scaling.
 
         Args:
@@ -237,34 +410,21 @@ class HiddenAlignGRPOMixin:
                 columns this trainer adds). Markers are searched where ``completion_mask``
                 (times ``tool_mask``) is nonzero: the model's own completion tokens.
             hidden: ``[B, P + C, H]`` hidden states over the prompt and completion tokens.
+            reference: the generation batch's :class:`hidden_align.GroupAnchorStats`, or None.
+                With them the loss is this batch's share of the generation batch's loss
+                (:func:`hidden_align.loss` with ``reference=``) and the stats are the
+                generation batch's.
 
         Returns:
             ``(loss, stats)``: the 0-d float32 loss of :func:`hidden_align.loss` and its stats
             (``mean_cosine``, ``valid_groups``, ``anchored_correct``) plus ``anchors``, the
             ``[B]`` anchor positions in ``P + C`` (-1: no marker in the completion).
         """
-        missing = [key for key in (REWARD_KEY, GROUP_KEY) if key not in inputs]
-        if missing:
-            raise ArgumentError(
-                f"inputs: missing {missing}: the batch must come from this trainer's "
-                "_generate_and_score_completions"
-            )
-        prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
-        token_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        if tuple(hidden.shape[:2]) != tuple(token_ids.shape):
-            raise ShapeError(
-                f"hidden: expected [B, P + C, H] with [B, P + C] = {list(token_ids.shape)} "
-                f"(prompt and completion tokens), got shape {list(hidden.shape)}"
-            )
-        completion_mask = inputs["completion_mask"]
-        if inputs.get("tool_mask") is not None:
-            # Tool results and environment output (tool_mask 0) are not the model's own text,
-            # and TRL leaves them out of its loss: a marker printed there is no anchor.
-            completion_mask = completion_mask * inputs["tool_mask"]
-        in_completion = torch.cat([torch.zeros_like(inputs["prompt_mask"]), completion_mask], dim=1)
-        anchors = find_anchors(
-            token_ids, in_completion, self.align_markers, offset=self.align_offset
-        )
+        anchors = self._align_anchors_of(inputs, hidden)
+        return self._align_loss_at(inputs, hidden, anchors, reference)
+
+    def _align_loss_at(self, inputs: dict, hidden, anchors, reference) -> tuple:
+        options = {"reference": reference} if reference is not None else {}
         value, stats = align_loss(
             hidden,
             anchors,
@@ -273,15 +433,18 @@ class HiddenAlignGRPOMixin:
             loss_type=self.align_loss_type,
             threshold=self.align_threshold,
             return_stats=True,
+            **options,
         )
         return value, {**stats, "anchors": anchors}
 
     def _compute_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        reference = self._align_reference_before_forward(mode)
         # TRL's forward returns log-probs only (its fused LM head), so the hidden states are
         # taken from the module that produces them while TRL runs its own forward.
         captured = []
         module = self._align_capture_module(model)
-        handle = module.register_forward_hook(lambda _m, _a, out: captured.append(_hidden_of(out)))
+        handle = module.register_forward_hook(lambda _m, _a, out: captured.append(hidden_of(out)))
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
@@ -293,7 +456,6 @@ class HiddenAlignGRPOMixin:
                 "forward, so no hidden state was captured"
             )
         hidden = captured[0] if len(captured) == 1 else torch.cat(captured, dim=0)
-        mode = "train" if self.model.training else "eval"
         add = self.align_coef != 0
         if add and torch.is_grad_enabled() and not hidden.requires_grad:
             raise HiddenAlignError(
@@ -301,12 +463,37 @@ class HiddenAlignGRPOMixin:
                 "(reentrant gradient checkpointing runs each layer without autograd); use "
                 "gradient_checkpointing_kwargs={'use_reentrant': False} or align_layer=None"
             )
-        # With a zero coefficient nothing is added (0 * NaN would still reach the loss), but the
-        # diagnostics are still logged: a baseline run shows how aligned the anchors are.
-        with torch.set_grad_enabled(add and torch.is_grad_enabled()):
-            value, stats = self.compute_align_loss(inputs, hidden if add else hidden.detach())
+        anchors = self._align_anchors_of(inputs, hidden)
+        with no_autocast(hidden.device):
+            if self.align_scope == "batch" and self._align_from_forward(mode):
+                # This forward holds the process's whole generation batch: its own states,
+                # all-reduced over the processes, are the statistics.
+                reference = reduce_over_processes(
+                    lambda: group_anchor_stats(
+                        hidden.detach(),
+                        anchors,
+                        inputs[REWARD_KEY],
+                        group_ids=inputs[GROUP_KEY],
+                        threshold=self.align_threshold,
+                    ),
+                    hidden.device,
+                )
+                self.align_statistics_source = "forward"
+            # With a zero coefficient nothing is added (0 * NaN would still reach the loss),
+            # but the diagnostics are still logged: a baseline run shows how aligned the
+            # anchors are.
+            with torch.set_grad_enabled(add and torch.is_grad_enabled()):
+                value, stats = self._align_loss_at(
+                    inputs, hidden if add else hidden.detach(), anchors, reference
+                )
+        if reference is not None:
+            # The share scaled up to the generation batch: its mean over the micro-steps and
+            # processes of a generation batch is the generation batch's loss.
+            per_generation = self.args.steps_per_generation if mode == "train" else 1
+            value = value * (per_generation * self.accelerator.num_processes)
         if add:
-            # Like TRL's own auxiliary loss: each micro-batch's share of the accumulated step.
+            # As TRL scales its own auxiliary loss: divided over the accumulated micro-steps
+            # (processes are averaged by the gradient all-reduce).
             scale = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.align_coef * value / scale
         self._log_align_metrics(mode, value, stats)

@@ -1,0 +1,151 @@
+"""``HiddenAlignGRPOTrainer`` on two processes, launched as users launch TRL:
+``torchrun --nproc_per_node 2`` with ``GRPOConfig(use_cpu=True)`` (accelerate's ``MULTI_CPU``,
+gloo), two optimiser steps in TRL's own loop (``tests/trl_ranks.py``), against one process
+over the same generation batches.
+
+* the two runs generate the same rows, and the statistics of each generation batch are
+  identical on both ranks and equal the one-process run's;
+* after the first optimiser step, the parameters equal the one-process run's to float32
+  rounding: the term is the generation batch's loss, however TRL splits it over processes and
+  micro-steps. That holds with the statistics from a pass of their own (two micro-steps per
+  generation) and from the loss's own forward (one micro-step per generation, all-reduced in
+  it);
+* with ``align_scope="micro_batch"`` (each micro-step aligning only its own rows) the same
+  comparison is far outside that rounding: the check can tell the two losses apart.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="trl is not installed: pip install trl")
+
+SCRIPT = Path(__file__).with_name("trl_ranks.py")
+TIMEOUT = 300  # seconds per launch; a hung collective fails the test instead of the suite
+# Statistics source: (gradient_accumulation_steps, steps_per_generation, rows per process)
+SCHEDULES = {
+    "own_pass": (2, 2, 8),
+    "forward": (1, 1, 16),
+}
+
+
+def _launch(
+    out: Path,
+    processes: int,
+    per_device: int,
+    accumulation: int,
+    per_generation: int,
+    scope="batch",
+):
+    out.mkdir(parents=True)
+    options = [
+        str(out),
+        "--per-device",
+        str(per_device),
+        "--accumulation",
+        str(accumulation),
+        "--per-generation",
+        str(per_generation),
+        "--scope",
+        scope,
+    ]
+    if processes == 1:
+        command = [sys.executable, str(SCRIPT), *options]
+    else:
+        launcher = ["-m", "torch.distributed.run", "--standalone"]
+        command = [sys.executable, *launcher, f"--nproc_per_node={processes}", str(SCRIPT)]
+        command += options
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRL_EXPERIMENTAL_SILENCE": "1",
+    }
+    # A session of its own: on a timeout the launcher and its workers go down together.
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"{processes} process(es) did not finish in {TIMEOUT} s:\n{output[-4000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, output[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trl_ranks")
+    result = {}
+    for name, (accumulation, per_generation, per_device) in SCHEDULES.items():
+        result[name] = {
+            "two": _launch(base / f"{name}-2", 2, per_device, accumulation, per_generation),
+            "one": _launch(base / f"{name}-1", 1, 2 * per_device, accumulation, per_generation),
+        }
+    accumulation, per_generation, per_device = SCHEDULES["own_pass"]
+    result["micro_batch"] = _launch(
+        base / "micro", 2, per_device, accumulation, per_generation, scope="micro_batch"
+    )
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_two_processes_match_one(runs, name):
+    two, (one,) = runs[name]["two"], runs[name]["one"]
+    assert [r["distributed_type"] for r in two] == ["DistributedType.MULTI_CPU"] * 2
+    assert [r["num_processes"] for r in two] == [2, 2]
+    # The same generation batches: every (step, global row, prompt) generated once.
+    assert sorted(two[0]["rows"] + two[1]["rows"]) == sorted(one["rows"])
+    assert {s for r in two for s in r["sources"]} == {name} == set(one["sources"])
+
+    # The statistics of every pass: bit for bit the same on both ranks, and the one-process
+    # run's to float32 rounding (the sums are added in another order).
+    assert len(two[0]["statistics"]) == len(two[1]["statistics"]) == len(one["statistics"]) > 0
+    for a, b, ref in zip(two[0]["statistics"], two[1]["statistics"], one["statistics"]):
+        for field in a:
+            assert torch.equal(a[field], b[field]), field
+            torch.testing.assert_close(a[field], ref[field], rtol=1e-5, atol=1e-6)
+    assert int((one["statistics"][0]["count"] >= 2).sum()) >= 4  # groups the term acts on
+
+    # After the first optimiser step (SGD): float32 rounding of the gradient.
+    after_two, after_one = two[0]["params"], one["params"]
+    worst = max((after_two[k] - after_one[k]).abs().max().item() for k in after_one)
+    print(f"[{name}] largest parameter difference after step 1: {worst:.2e}")
+    for key in after_one:
+        torch.testing.assert_close(after_two[key], after_one[key], rtol=1e-6, atol=1e-7)
+
+    # Two optimiser steps end to end, logged alike.
+    steps = [[log for log in r["log_history"] if "loss" in log] for r in (two[0], one)]
+    assert len(steps[0]) == len(steps[1]) == 2
+    for a, b in zip(*steps):
+        for key in ("hidden_align/align_loss", "hidden_align/anchor_cosine", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        assert a["hidden_align/valid_groups"] == b["hidden_align/valid_groups"]
+
+
+def test_micro_batch_scope_is_told_apart(runs):
+    """Each micro-step aligning only the rows it holds is another loss: the parameters after
+    the first step differ from the generation batch's far beyond float32 rounding."""
+    two, (one,) = runs["micro_batch"], runs["own_pass"]["one"]
+    assert {s for r in two for s in r["sources"]} == {None}
+    worst = max((two[0]["params"][k] - one["params"][k]).abs().max().item() for k in one["params"])
+    print(f"[micro_batch] largest parameter difference after step 1: {worst:.2e}")
+    assert worst > 1e-4
