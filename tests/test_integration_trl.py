@@ -368,10 +368,54 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
     torch.testing.assert_close(value, factor * full.detach(), rtol=1e-5, atol=1e-6)
     expected = _grads(factor * full, params)
     assert any(g is not None and g.abs().max() > 0 for g in expected)
+    worst = max((g - (0 if r is None else r)).abs().max().item() for g, r in zip(term, expected))
+    scale = max(r.abs().max().item() for r in expected if r is not None)
+    print(f"[{source}] largest gradient difference {worst:.1e} (largest element {scale:.1e})")
     for got, ref in zip(term, expected):
         torch.testing.assert_close(
             got, torch.zeros_like(got) if ref is None else ref, rtol=1e-4, atol=1e-6
         )
+
+
+def test_evaluation_batch_is_its_own_generation_batch(tokenizer, markers, tmp_path):
+    """In evaluation TRL generates per batch and does not accumulate: the term is
+    ``align_coef x`` the batch's loss, its statistics taken from the loss's own forward."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = make_trainer(
+            HiddenAlignGRPOTrainer,
+            tokenizer,
+            tmp_path,
+            align_coef=COEF,
+            align_markers=markers,
+            align_reward="correct",
+        )
+        model = trainer.model
+        model.eval()
+        inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainer.align_coef = 0.0
+    base = trainer.compute_loss(model, inputs)
+    trainer.align_coef = COEF
+    total = trainer.compute_loss(model, inputs)
+    assert trainer.align_statistics_source == "forward"
+    label, rewards = _labels_and_rewards(tokenizer, inputs)
+    token_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    in_completion = torch.cat(
+        [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], 1
+    )
+    anchors = ha.find_anchors(token_ids, in_completion, markers)
+    out = model(
+        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
+    )
+    full = ha.loss(out.hidden_states[-1], anchors, rewards, group_ids=label)
+    torch.testing.assert_close(total - base, COEF * full, rtol=1e-5, atol=1e-6)
+    for got, zero, ref in zip(
+        _grads(total, params), _grads(base, params), _grads(COEF * full, params)
+    ):
+        if ref is not None:
+            torch.testing.assert_close(got - zero, ref, rtol=1e-4, atol=1e-6)
 
 
 def test_markers_in_tool_output_are_not_anchors(tokenizer, markers, tmp_path):
@@ -416,6 +460,14 @@ def test_arguments_are_checked(tokenizer, markers, tmp_path):
     with pytest.raises(ha.ArgumentError, match="align_loss_type"):
         HiddenAlignGRPOTrainer(
             model=None, reward_funcs=[correct], align_markers=markers, align_loss_type="l2"
+        )
+    with pytest.raises(ha.ArgumentError, match="align_scope"):
+        HiddenAlignGRPOTrainer(
+            model=None, reward_funcs=[correct], align_markers=markers, align_scope="rollout"
+        )
+    with pytest.raises(ha.ArgumentError, match="contrastive.*align_scope='micro_batch'"):
+        HiddenAlignGRPOTrainer(
+            model=None, reward_funcs=[correct], align_markers=markers, align_loss_type="contrastive"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,8 @@ def _launch(
     accumulation: int,
     per_generation: int,
     scope="batch",
+    extra=(),
+    expect_ok=True,
 ):
     out.mkdir(parents=True)
     options = [
@@ -55,6 +58,7 @@ def _launch(
         str(per_generation),
         "--scope",
         scope,
+        *extra,
     ]
     if processes == 1:
         command = [sys.executable, str(SCRIPT), *options]
@@ -87,6 +91,8 @@ def _launch(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    if not expect_ok:
+        return proc.returncode, output
     assert proc.returncode == 0, output[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
 
@@ -149,3 +155,25 @@ def test_micro_batch_scope_is_told_apart(runs):
     worst = max((two[0]["params"][k] - one["params"][k]).abs().max().item() for k in one["params"])
     print(f"[micro_batch] largest parameter difference after step 1: {worst:.2e}")
     assert worst > 1e-4
+
+
+def test_an_error_on_one_rank_stops_both(tmp_path):
+    """Rank 1 alone fails in the statistics pass: it raises its own error and rank 0 one that
+    names it, at once, instead of waiting for rank 1 in the all-reduce."""
+    accumulation, per_generation, per_device = SCHEDULES["own_pass"]
+    start = time.monotonic()
+    code, output = _launch(
+        tmp_path / "fail",
+        2,
+        per_device,
+        accumulation,
+        per_generation,
+        extra=("--fail-rank", "1"),
+        expect_ok=False,
+    )
+    elapsed = time.monotonic() - start
+    assert code != 0
+    assert "an error on rank 1 only" in output
+    assert "data-parallel rank 1 failed in the statistics pass" in output
+    # Start-up of two processes included; a hang would last until the gloo timeout (30 min).
+    assert elapsed < 120, elapsed

@@ -11,7 +11,8 @@ rewards gathered over processes, advantages, shuffling into micro-steps, DDP, th
 
 Written to OUT (one file per rank, ``rank{R}.pt``): the rows each process generated (global
 position and prompt), the statistics of each generation batch, the parameters after the first
-optimiser step (rank 0) and the log history.
+optimiser step (rank 0) and the log history. ``--fail-rank R`` makes rank R alone fail in the
+statistics pass.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--per-generation", type=int, default=2)
     parser.add_argument("--scope", default="batch")
+    parser.add_argument("--fail-rank", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -120,6 +122,12 @@ def main() -> None:
                 }
 
     class Trainer(HiddenAlignGRPOTrainer):
+        def _align_anchors(self, token_ids, in_completion):
+            # One rank meets an error in the statistics pass, the other does not.
+            if not torch.is_grad_enabled() and self.accelerator.process_index == args.fail_rank:
+                raise ValueError(f"an error on rank {args.fail_rank} only")
+            return super()._align_anchors(token_ids, in_completion)
+
         def _compute_loss(self, model, inputs):
             loss = super()._compute_loss(model, inputs)
             record["sources"].append(self.align_statistics_source)

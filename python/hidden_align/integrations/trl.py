@@ -17,6 +17,9 @@ the other correct completions of the same prompt. Use it where you would use ``G
     )
     trainer.train()  # logs hidden_align/align_loss and hidden_align/anchor_cosine
 
+The term is the loss of TRL's whole generation batch, however TRL splits it into micro-steps
+and over processes (``align_scope="batch"``; see :class:`HiddenAlignGRPOTrainer`).
+
 :class:`HiddenAlignGRPOMixin` carries the behaviour, for a ``GRPOTrainer`` subclass of your
 own: ``class MyTrainer(HiddenAlignGRPOMixin, MyGRPOTrainer)``.
 
@@ -122,7 +125,8 @@ class HiddenAlignGRPOMixin:
 
     Put it before the trainer class in the bases: ``class T(HiddenAlignGRPOMixin, GRPOTrainer)``.
     It overrides ``_calculate_rewards`` and ``_generate_and_score_completions`` (to carry each
-    completion's reward and group with its row) and ``_compute_loss`` (to add the term).
+    completion's reward and group with its row), ``_get_per_token_logps_and_entropies`` (to
+    gather the statistics in TRL's own no-grad pass) and ``_compute_loss`` (to add the term).
     """
 
     def __init__(
@@ -280,7 +284,7 @@ class HiddenAlignGRPOMixin:
         chunk = kwargs.get("batch_size", args[0] if args else None) or input_ids.shape[0]
         in_completion = attention_mask.clone()
         in_completion[:, : in_completion.shape[1] - logits_to_keep] = 0
-        rows = AnchorRows(self._align_anchors(input_ids, in_completion), chunk)
+        rows = AnchorRows.found(self._align_anchors, input_ids, in_completion, chunk)
         self._align_pass_rows = rows
         with collecting(self._align_capture_module(model), rows):
             return super()._get_per_token_logps_and_entropies(
@@ -301,13 +305,13 @@ class HiddenAlignGRPOMixin:
             )
         module = self._align_capture_module(self.model)
         gathered = []
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-        ):
+        no_checkpointing = disable_gradient_checkpointing(
+            self.model, self.args.gradient_checkpointing_kwargs
+        )
+        with torch.no_grad(), no_checkpointing:
             for batch in batches:
                 token_ids, in_completion = self._align_tokens(batch)
-                rows = AnchorRows(self._align_anchors(token_ids, in_completion), len(token_ids))
+                rows = AnchorRows.found(self._align_anchors, token_ids, in_completion)
                 attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
                 with collecting(module, rows):
                     super()._get_per_token_logps_and_entropies(
@@ -529,7 +533,13 @@ def _trainer_class() -> type:
         raise ImportError(
             f"HiddenAlignGRPOTrainer needs TRL (tested with 1.16): {_INSTALL}"
         ) from exc
-    needed = ("_calculate_rewards", "_generate_and_score_completions", "_compute_loss")
+    needed = (
+        "_calculate_rewards",
+        "_generate_and_score_completions",
+        "_get_per_token_logps_and_entropies",
+        "_prepare_inputs",
+        "_compute_loss",
+    )
     absent = [name for name in needed if not hasattr(GRPOTrainer, name)]
     if absent:
         import trl
@@ -554,18 +564,29 @@ def _trainer_class() -> type:
         * ``groups``: TRL's groups of ``num_generations`` completions of one prompt
           (``num_generations_eval`` in evaluation).
 
-        In training each micro-batch adds ``align_coef * loss / gradient_accumulation_steps``,
-        as TRL scales its own auxiliary loss. The loss is that of the rows of the micro-batch:
-        with ``steps_per_generation > 1`` TRL shuffles a generation batch into several
-        micro-batches, and a group's correct completions are then aligned with those that share
-        their micro-batch. With ``align_coef=0`` nothing is added (the run is plain
-        ``GRPOTrainer``) and the metrics are still logged.
+        With ``align_scope="batch"`` (the default) the loss is that of TRL's whole generation
+        batch (``per_device_train_batch_size x steps_per_generation`` rows on each process, all
+        processes together): each micro-step adds ``align_coef * share * steps_per_generation *
+        num_processes / gradient_accumulation_steps``, ``share`` being its rows' share of the
+        generation batch's loss against statistics all-reduced over the processes
+        (:mod:`hidden_align.integrations.trl_statistics` says where they come from and what they
+        cost). TRL scales its own auxiliary losses by ``1 / gradient_accumulation_steps`` and the
+        gradient all-reduce averages the processes, so each optimiser step's gradient is
+        ``align_coef x steps_per_generation / gradient_accumulation_steps x`` that of the
+        generation batch's loss: ``align_coef x`` it in TRL's usual schedules.
+        With ``align_scope="micro_batch"`` each micro-step adds
+        ``align_coef * loss / gradient_accumulation_steps`` with the loss of its own rows: with
+        ``steps_per_generation > 1`` or several processes a group's correct completions are then
+        aligned only with those that share their micro-step. With ``align_coef=0`` nothing is
+        added (the run is plain ``GRPOTrainer``, bit for bit) and the metrics are still logged.
 
-        Logged per step (averaged over micro-batches and processes): ``hidden_align/align_loss``
-        (the loss before the coefficient; 0 when no group has two correct anchored
+        Logged per step (averaged over micro-steps and processes): ``hidden_align/align_loss``
+        (the loss before the coefficient: with ``"batch"`` each micro-step's share scaled up to
+        the generation batch, averaging to its loss; 0 when no group has two correct anchored
         completions), ``hidden_align/anchor_cosine`` (mean pairwise cosine of correct anchors
-        within groups; absent when no group has two), ``hidden_align/anchored_fraction``
-        (completions with a marker) and ``hidden_align/valid_groups``.
+        within groups, the generation batch's with ``"batch"``; absent when no group has two),
+        ``hidden_align/anchored_fraction`` (completions with a marker) and
+        ``hidden_align/valid_groups``.
 
         Args:
             *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ...).
@@ -589,12 +610,16 @@ def _trainer_class() -> type:
                 gradient checkpointing, checkpointing must be non-reentrant (the default).
             align_offset: the anchor's position relative to the marker's first token (default
                 -1, the token before it; see :func:`hidden_align.find_anchors`).
+            align_scope: ``"batch"`` (default): the loss of the generation batch;
+                ``"micro_batch"``: the loss of each micro-step's own rows (no statistics, no
+                collective; the only scope for ``"contrastive"``).
             **kwargs: ``GRPOTrainer``'s keyword arguments (``args``, ``train_dataset``,
                 ``processing_class``, ``peft_config``, ...).
 
         Raises:
             ArgumentError: an invalid ``align_*`` value, an ``align_reward`` that names no
-                reward function (the message lists them), or ``align_layer`` out of range.
+                reward function (the message lists them), ``align_layer`` out of range, or
+                ``"contrastive"`` with ``align_scope="batch"``.
         """
 
     # Named as the attribute it is reached by, so that pickle finds it.

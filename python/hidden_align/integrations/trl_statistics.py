@@ -66,6 +66,19 @@ class AnchorRows:
         self.rows: list = []
         self.failure: Exception | None = None
 
+    @classmethod
+    def found(cls, find: Callable, token_ids, in_completion, chunk: int | None = None):
+        """The rows of a pass over ``token_ids`` whose anchors ``find(token_ids,
+        in_completion)`` gives. An error there is kept, not raised: the pass still runs (its
+        forwards may be collectives) and the error is raised on every process after it."""
+        chunk = token_ids.shape[0] if chunk is None else chunk
+        try:
+            return cls(find(token_ids, in_completion), chunk)
+        except Exception as exc:  # noqa: BLE001 - raised on every process in the all-reduce
+            rows = cls(torch.full((token_ids.shape[0],), -1, dtype=torch.int64), chunk)
+            rows.failure = exc
+            return rows
+
     def hook(self, _module, _args, output) -> None:
         if self.failure is not None:
             return

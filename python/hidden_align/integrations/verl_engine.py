@@ -25,8 +25,26 @@ ranks would wait for it in their next collective until the process group times o
 old-log-prob pass therefore keeps the first error of its micro-batches and raises it after the
 pass, once the ranks have agreed in one small all-reduce (the one that also exchanges the
 group counts, :func:`hidden_align._collectives.agree_on_failure`): the failing rank raises its own
-error, every other rank one that names it. The update checks its mini-batch the same way,
-with one small all-reduce per mini-batch, where verl itself all-reduces the token count.
+error, every other rank one that names it. The update agrees the same way, in one small
+all-reduce per mini-batch where verl itself all-reduces the token count, after reading
+everything the term reads from the mini-batch's rows (anchors, groups, correctness) and
+checking that the statistics hold every group: an error raised by one rank's loss mid-step
+would leave the others in the FSDP collectives of their backward.
+
+Mini-batches: each rank scales its share by ``dp_size * total rows / global_batch_size``
+(:func:`_alignment`). Summed over the mini-batches of one batch (no optimiser step between),
+the gradients are that ratio times the full-batch gradient of ``coef * loss``, however the
+rows are split, a short last mini-batch included. Per step, a mini-batch with fewer rows than
+``global_batch_size`` is weighted down: its term is its rows' share of the whole loss times
+the same ratio (24 rows in mini-batches of 16 and 8: about the whole loss in the first step,
+half of it in the second), and ``actor/ha_align_loss``, which verl averages over the
+mini-batches, reads ratio / mini-batch count of the full-batch loss (0.75 there). verl 0.9.1's
+trainers never split real rows so: ``TrainingWorker.train_mini_batch`` refuses rows that the
+mini-batch size does not divide (``tensordict_utils.make_iterator``), and the V1 trainer pads
+the batch to a multiple of ``ppo_mini_batch_size * rollout.n`` with no-op rows (one masked
+response token: no anchor), which count as rows: the ratio is then the mini-batch count and
+the logged loss exact, while a mini-batch holding padding is weighted by its real rows, as
+verl's own ``seq-mean-*`` aggregations (divided by ``global_batch_size``) weight it.
 
 The value engine (``FSDPEngineWithValueHead``) and forward-only engines pass straight through.
 """
@@ -69,7 +87,7 @@ _REASONS = {
     _COLLECT_ERROR: "its micro-batches' anchors, groups or correctness could not be read",
     _NO_HOOK: "the hook did not fire in its forward",
     _NO_MICRO_BATCH: "its old-log-prob pass ran no micro-batch",
-    _UPDATE_ERROR: "its mini-batch's groups could not be read",
+    _UPDATE_ERROR: "its mini-batch's anchors, groups or correctness could not be read",
     _NO_REFERENCE: "it has no group statistics",
     _UNSEEN: "its mini-batch holds groups the statistics lack",
 }
@@ -231,17 +249,18 @@ def _require_seen(ref: Reference, gid) -> None:
 
 
 def _check_update(engine, state: EngineState, data) -> None:
-    """Before an update mini-batch runs any collective: statistics exist and hold the group of
-    every row, on every rank together (the loss would otherwise raise on one rank mid-step)."""
+    """Before an update mini-batch runs any collective: statistics exist, the rows' anchors,
+    groups and correctness can be read, and the statistics hold the group of every row; on
+    every rank together. Raised by the loss of one rank's micro-batch instead, the error would
+    leave the other ranks waiting in the FSDP collectives of their backward."""
     failure = None
     try:
         ref = _require_reference(state)
-        uids = tu.get(data, "uid")
-        if uids is None:
-            raise RuntimeError(
-                "hidden_align: the batch has no 'uid' (verl's prompt id per rollout)"
-            )
-        _require_seen(ref, ha.dapo.group_ids_from_uids(uids))
+        # What _alignment reads from each micro-batch, read once for the whole mini-batch
+        # (its anchors through the packed offsets; only their validity matters here).
+        where = torch.empty(0, device=data["input_ids"].device)
+        inputs = anchor_inputs(data, _markers(engine, state), state.settings, True, where)
+        _require_seen(ref, inputs["gid"])
     except Exception as exc:  # noqa: BLE001 - agreed with the other ranks in _agree
         failure = exc
     _agree(engine, failure, "update")
