@@ -26,29 +26,28 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from common import write_table  # noqa: E402
-from trl_ranks import ANSWERS, GROUP, PROMPTS, TEMPLATES, answered, build_tokenizer  # noqa: E402
+from trl_ranks import (  # noqa: E402
+    ANSWERS,
+    GROUP,
+    PROMPTS,
+    TEMPLATES,
+    answered,
+    build_tokenizer,
+    make_model,
+)
 
 FILLER = 90  # tokens of working before the answer
 
 
-def make_model(tokenizer):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    return Qwen2ForCausalLM(config)
+# A Qwen2 of the shape of a small model: the LM head and the layers in proportion.
+SIZES = {
+    "vocab_size": 32000,
+    "hidden_size": 256,
+    "intermediate_size": 1024,
+    "num_hidden_layers": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
 
 
 def run(cls, steps: int, **align) -> dict:
@@ -104,7 +103,7 @@ def run(cls, steps: int, **align) -> dict:
     )
     data = Dataset.from_dict({"prompt": PROMPTS * 4, "answer": ANSWERS * 4})
     trainer = (Timed if align else cls)(
-        model=make_model(tokenizer),
+        model=make_model(tokenizer, **SIZES),
         reward_funcs=[answered],
         args=config,
         train_dataset=data,

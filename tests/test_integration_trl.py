@@ -25,8 +25,6 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     try:
         from datasets import Dataset
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
         from trl import GRPOConfig, GRPOTrainer
     except Exception as exc:  # noqa: BLE001 - any import failure means TRL cannot run here
         pytest.skip(
@@ -36,11 +34,8 @@ with warnings.catch_warnings():
     # Outside the skip: with TRL present, a failure here is ours.
     from hidden_align.integrations.trl import HiddenAlignGRPOTrainer
 
-PAIRS = [(a, a + 1) for a in range(8)]
-PROMPTS = [f"What is {a}+{b}?" for a, b in PAIRS]
-ANSWERS = [str(a + b) for a, b in PAIRS]
-GROUP = 4
-COEF = 0.5
+# The tiny Qwen2, its tokenizer and the prompts, shared with the run on two processes.
+from trl_ranks import ANSWERS, COEF, GROUP, PROMPTS, build_tokenizer, make_model  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,26 +45,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def build_tokenizer():
-    # A small vocabulary (the corpus's characters and their merges, no byte alphabet): a
-    # random policy then writes digits often enough for the toy reward.
-    corpus = [f"What is {a}+{b}?\nx Answer: {a + b}" for a in range(10) for b in range(10)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=64,
-            special_tokens=["<pad>", "<eos>", "<unk>"],
-            show_progress=False,
-        ),
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
 
 
 @pytest.fixture(scope="module")
@@ -93,24 +68,6 @@ def correct(completions, answer, **kwargs):
 def brevity(completions, **kwargs):
     """A second reward, never above the threshold: correctness must come from `correct`."""
     return [-len(c) / 100 for c in completions]
-
-
-def make_model(tokenizer):
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
 
 
 def make_trainer(cls, tokenizer, out_dir, accumulation=2, per_generation=None, **extra):
@@ -250,31 +207,20 @@ def test_micro_batch_term_equals_ha_loss_on_separate_hidden_states(tokenizer, ma
     }
 
     # Rewards and groups from the tokens, independently of the trainer's bookkeeping.
-    prompts = tokenizer.batch_decode(inputs["prompt_ids"], skip_special_tokens=True)
-    label = torch.tensor([PROMPTS.index(p) for p in prompts])
+    label, rewards = _labels_and_rewards(tokenizer, inputs)
     assert sorted(torch.bincount(label).tolist())[-2:] == [GROUP, GROUP]
-    completions = tokenizer.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
-    rewards = torch.tensor(correct(completions, [ANSWERS[i] for i in label]))
     assert torch.equal(rewards, inputs["hidden_align_reward"])
-    token_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    in_completion = torch.cat(
-        [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], 1
-    )
-    anchors = ha.find_anchors(token_ids, in_completion, markers)
 
     params = [p for p in model.parameters() if p.requires_grad]
     trainer.align_coef = 0.0
     base = trainer.compute_loss(model, inputs)
     base_grads = _grads(base, params)
-    out = model(
-        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
-    )
+    hidden, anchors = _separate_forward(model, markers, inputs)
     for layer, index in ((None, -1), (0, 1)):
         trainer.align_coef, trainer.align_layer = COEF, layer
         total = trainer.compute_loss(model, inputs)
         expected, stats = ha.loss(
-            out.hidden_states[index], anchors, rewards, group_ids=label, return_stats=True
+            hidden[index], anchors, rewards, group_ids=label, return_stats=True
         )
         assert int(stats["valid_groups"]) >= 1
         term = COEF * expected / 2
@@ -294,6 +240,19 @@ def _labels_and_rewards(tokenizer, inputs):
     label = torch.tensor([PROMPTS.index(p) for p in prompts])
     completions = tokenizer.batch_decode(inputs["completion_ids"], skip_special_tokens=True)
     return label, torch.tensor(correct(completions, [ANSWERS[i] for i in label]))
+
+
+def _separate_forward(model, markers, rows):
+    """``(hidden states of every layer, anchors)`` of a batch's rows, from a forward of the
+    model with ``output_hidden_states=True`` and anchors found here."""
+    token_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
+    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
+    in_completion = torch.cat([torch.zeros_like(rows["prompt_mask"]), rows["completion_mask"]], 1)
+    anchors = ha.find_anchors(token_ids, in_completion, markers)
+    out = model(
+        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
+    )
+    return out.hidden_states, anchors
 
 
 # (gradient_accumulation_steps, steps_per_generation, where the statistics come from)
@@ -353,16 +312,8 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
     }
     label, rewards = _labels_and_rewards(tokenizer, rows)
     assert len(label) == 8 * per_generation
-    token_ids = torch.cat([rows["prompt_ids"], rows["completion_ids"]], 1)
-    attention = torch.cat([rows["prompt_mask"], rows["completion_mask"]], 1)
-    in_completion = torch.cat([torch.zeros_like(rows["prompt_mask"]), rows["completion_mask"]], 1)
-    anchors = ha.find_anchors(token_ids, in_completion, markers)
-    out = model(
-        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
-    )
-    full, stats = ha.loss(
-        out.hidden_states[-1], anchors, rewards, group_ids=label, return_stats=True
-    )
+    hidden, anchors = _separate_forward(model, markers, rows)
+    full, stats = ha.loss(hidden[-1], anchors, rewards, group_ids=label, return_stats=True)
     assert int(stats["valid_groups"]) >= 2
     factor = COEF * per_generation / accumulation
     torch.testing.assert_close(value, factor * full.detach(), rtol=1e-5, atol=1e-6)
@@ -400,16 +351,8 @@ def test_evaluation_batch_is_its_own_generation_batch(tokenizer, markers, tmp_pa
     total = trainer.compute_loss(model, inputs)
     assert trainer.align_statistics_source == "forward"
     label, rewards = _labels_and_rewards(tokenizer, inputs)
-    token_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-    attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-    in_completion = torch.cat(
-        [torch.zeros_like(inputs["prompt_mask"]), inputs["completion_mask"]], 1
-    )
-    anchors = ha.find_anchors(token_ids, in_completion, markers)
-    out = model(
-        input_ids=token_ids, attention_mask=attention, output_hidden_states=True, use_cache=False
-    )
-    full = ha.loss(out.hidden_states[-1], anchors, rewards, group_ids=label)
+    hidden, anchors = _separate_forward(model, markers, inputs)
+    full = ha.loss(hidden[-1], anchors, rewards, group_ids=label)
     torch.testing.assert_close(total - base, COEF * full, rtol=1e-5, atol=1e-6)
     for got, zero, ref in zip(
         _grads(total, params), _grads(base, params), _grads(COEF * full, params)

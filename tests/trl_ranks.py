@@ -35,6 +35,8 @@ TEMPLATES = ("x {a} Answer: {a}", "{a}+ Answer: {a}", "Answer: {a}", "x x Answer
 
 
 def build_tokenizer():
+    """A small vocabulary (the corpus's characters and their merges, no byte alphabet): a
+    random policy then writes digits often enough for a toy reward."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,24 +55,25 @@ def build_tokenizer():
     )
 
 
-def make_model(tokenizer):
+def make_model(tokenizer, **sizes):
+    """A randomly initialised Qwen2 causal LM, tiny unless ``sizes`` (``Qwen2Config`` fields)
+    say otherwise; the same weights on every process."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    config = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 128,
+        "tie_word_embeddings": False,
+        **sizes,
+    }
+    special = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
+    return Qwen2ForCausalLM(Qwen2Config(bos_token_id=None, **special, **config))
 
 
 def answered(completions, answer, **kwargs):
