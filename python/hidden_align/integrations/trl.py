@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -54,9 +55,9 @@ REWARD_KEY = "hidden_align_reward"
 GROUP_KEY = "hidden_align_group"
 _METRICS = ("align_loss", "anchor_cosine", "anchored_fraction", "valid_groups")
 _INSTALL = "pip install trl"
-# The multimodal entries of a batch that TRL's forward takes, as _compute_loss passes them.
 # The value of _align_pass_rows while TRL's no-grad pass is awaited.
 _ARMED = object()
+# The multimodal entries of a batch that TRL's forward takes, as _compute_loss passes them.
 _FORWARD_KEYS = (
     "pixel_values",
     "image_grid_thw",
@@ -241,9 +242,12 @@ class HiddenAlignGRPOMixin:
         output[REWARD_KEY] = rewards[start : start + local].to(device)
         # Labels from the position before TRL shuffles the rows; the loss takes them in any order.
         output[GROUP_KEY] = torch.arange(start, start + local, device=device) // group_size
-        # A tool mask (env_mask of a rollout_func) came after the pass's anchors were found
-        # without it: the statistics then come from a pass of their own.
-        if isinstance(pass_rows, AnchorRows) and "tool_mask" not in output:
+        # Only the pass whose log-probs TRL kept as old_per_token_logps (not a reference
+        # model's pass with the adapter off). A tool mask (env_mask of a rollout_func) came
+        # after the pass's anchors were found without it. Otherwise the statistics come from a
+        # pass of their own; both conditions are the same on every process.
+        kept = "old_per_token_logps" in output and "tool_mask" not in output
+        if isinstance(pass_rows, AnchorRows) and kept:
             self._align_reference = reduce_over_processes(
                 lambda: pass_rows.statistics(
                     output[REWARD_KEY], output[GROUP_KEY], self.align_threshold
@@ -294,8 +298,6 @@ class HiddenAlignGRPOMixin:
     def _align_own_pass(self):
         """The statistics of the buffered generation batch from a no-grad forward of its
         micro-batches, run as TRL runs its own no-grad pass."""
-        from trl.models.utils import disable_gradient_checkpointing
-
         batches = getattr(self, "_buffered_inputs", None)
         if not batches:
             raise HiddenAlignError(
@@ -305,10 +307,7 @@ class HiddenAlignGRPOMixin:
             )
         module = self._align_capture_module(self.model)
         gathered = []
-        no_checkpointing = disable_gradient_checkpointing(
-            self.model, self.args.gradient_checkpointing_kwargs
-        )
-        with torch.no_grad(), no_checkpointing:
+        with torch.no_grad(), self._align_checkpointing_off():
             for batch in batches:
                 token_ids, in_completion = self._align_tokens(batch)
                 rows = AnchorRows.found(self._align_anchors, token_ids, in_completion)
@@ -333,6 +332,18 @@ class HiddenAlignGRPOMixin:
 
         return reduce_over_processes(part, self.accelerator.device)
 
+    def _align_checkpointing_off(self):
+        """Reentrant gradient checkpointing off for a no-grad pass, as TRL turns it off for
+        its own (it warns there); non-reentrant checkpointing runs a no-grad forward as it is,
+        and is left alone: turning it back on adds a hook to the input embeddings each time."""
+        from trl.models.utils import disable_gradient_checkpointing
+
+        kwargs = self.args.gradient_checkpointing_kwargs
+        reentrant = kwargs is None or kwargs.get("use_reentrant", True)
+        if not reentrant or not getattr(self.model, "is_gradient_checkpointing", False):
+            return nullcontext()
+        return disable_gradient_checkpointing(self.model, kwargs)
+
     def _align_reference_before_forward(self, mode: str):
         """The generation batch's statistics where they exist before this micro-step's forward:
         TRL's pass, or a pass of our own, run now at the generation batch's first micro-step
@@ -345,7 +356,8 @@ class HiddenAlignGRPOMixin:
             device = self.accelerator.device
             # Without drawing random numbers (dropout in train mode): with align_coef 0 the
             # run stays plain GRPOTrainer's, bit for bit.
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            devices = [] if device.type == "cpu" else [device]
+            with torch.random.fork_rng(devices=devices, device_type=device.type):
                 self._align_reference = self._align_own_pass()
             self.align_statistics_source = "own_pass"
         return self._align_reference
@@ -482,7 +494,8 @@ class HiddenAlignGRPOMixin:
                     ),
                     hidden.device,
                 )
-                self.align_statistics_source = "forward"
+                if mode == "train":  # what evaluation used is not what training uses
+                    self.align_statistics_source = "forward"
             # With a zero coefficient nothing is added (0 * NaN would still reach the loss),
             # but the diagnostics are still logged: a baseline run shows how aligned the
             # anchors are.
@@ -582,11 +595,11 @@ def _trainer_class() -> type:
 
         Logged per step (averaged over micro-steps and processes): ``hidden_align/align_loss``
         (the loss before the coefficient: with ``"batch"`` each micro-step's share scaled up to
-        the generation batch, averaging to its loss; 0 when no group has two correct anchored
-        completions), ``hidden_align/anchor_cosine`` (mean pairwise cosine of correct anchors
-        within groups, the generation batch's with ``"batch"``; absent when no group has two),
-        ``hidden_align/anchored_fraction`` (completions with a marker) and
-        ``hidden_align/valid_groups``.
+        the generation batch, averaging to its loss over the generation batch's micro-steps;
+        0 when no group has two correct anchored completions), ``hidden_align/anchor_cosine``
+        (mean pairwise cosine of correct anchors within groups, the generation batch's with
+        ``"batch"``; absent when no group has two), ``hidden_align/anchored_fraction``
+        (completions with a marker) and ``hidden_align/valid_groups``.
 
         Args:
             *args: ``GRPOTrainer``'s positional arguments (``model``, ``reward_funcs``, ...).
