@@ -31,6 +31,7 @@ reference).
 from __future__ import annotations
 
 import functools
+import re
 import socket
 import types
 import warnings
@@ -355,6 +356,18 @@ def build_engine(autocast=torch.float32):
     return engine
 
 
+def cpu_verl() -> None:
+    """For a whole process (a spawned rank): verl falls back to CUDA as its platform, and its
+    engine and FSDP code ask for the device by name."""
+    from verl.utils import fsdp_utils
+    from verl.workers.engine.fsdp import utils as engine_utils
+
+    for module in (transformer_impl, fsdp_utils):
+        module.get_device_id = lambda: "cpu"
+    for module in (transformer_impl, fsdp_utils, seqlen_balancing, engine_utils):
+        module.get_device_name = lambda: "cpu"
+
+
 @pytest.fixture
 def engine_factory(process_group, monkeypatch):
     monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
@@ -604,6 +617,59 @@ def test_marker_strings_use_the_actor_tokenizer():
     engine.model_config.tokenizer = None
     with pytest.raises(RuntimeError, match="tokenizer"):
         verl_engine._markers(engine, state)
+
+
+def test_correctness_lookup_order():
+    """Where ``HIDDEN_ALIGN_CORRECT`` is read: a key of the batch first (verl's default trainer);
+    then each rollout's ``extra_fields["reward_extra_info"]`` (verl's V1 trainer); ``rm_scores``
+    only where the batch has no ``extra_fields``. A V1 batch in which a rollout lacks the key
+    raises, naming the key, where it looked and the rollout, rather than reading ``rm_scores``
+    for that rollout or the batch; ``HIDDEN_ALIGN_CORRECT=rm_scores`` reads the score."""
+    correctness = verl_inputs._correctness
+    # V1 layout: nested per-token scores with the reward on the last token. The first rollout is
+    # correct but overlong: DAPO's penalty brings its score to 0, below the threshold.
+    rm_scores = torch.nested.as_nested_tensor(
+        [torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0, -1.0]), torch.tensor([1.0])],
+        layout=torch.jagged,
+    )
+    uids = ["p0", "p0", "p1"]
+    extra = [{"reward_extra_info": {"acc": acc, "score": 1.0}} for acc in (True, False, True)]
+
+    def batch(**fields):
+        return tu.get_tensordict({"uid": uids, "rm_scores": rm_scores, **fields})
+
+    def read(data, key="acc"):
+        values, source = correctness(data, key, "cpu")
+        assert values.dtype == torch.float32
+        return values.tolist(), source
+
+    assert read(batch(acc=[0.0, 1.0, 0.0], extra_fields=extra)) == ([0.0, 1.0, 0.0], "acc")
+    v1 = ([1.0, 0.0, 1.0], "extra_fields.reward_extra_info.acc")
+    assert read(batch(extra_fields=extra)) == v1
+    # Each micro-batch reads its own rows (verl's split keeps the per-rollout dicts).
+    part = tu.index_select_tensor_dict(batch(extra_fields=extra), torch.tensor([2, 0]))
+    assert read(part) == ([1.0, 1.0], v1[1])
+    assert read(batch(extra_fields=extra), "rm_scores") == ([0.0, -1.0, 1.0], "rm_scores")
+    assert read(batch()) == ([0.0, -1.0, 1.0], "rm_scores")
+
+    for fields in (
+        [extra[0], {"reward_extra_info": {"score": 0.0}}, extra[2]],  # one rollout lacks it
+        [extra[0], {}, None],  # no reward_extra_info at all
+        [{"reward_extra_info": {}}] * 3,  # a reward manager that writes no extra info
+    ):
+        missing = [
+            i for i, f in enumerate(fields) if "acc" not in (f or {}).get("reward_extra_info", {})
+        ]
+        shown = ", ".join(f"{i} (uid {uids[i]!r})" for i in missing)
+        message = (
+            f"no key 'acc', and {len(missing)} of its 3 rollouts have no 'acc' in "
+            f"extra_fields['reward_extra_info'] (verl's V1 trainer keeps the reward manager's "
+            f"extra info there): rollouts {shown}. Set HIDDEN_ALIGN_CORRECT"
+        )
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            correctness(batch(extra_fields=fields), "acc", "cpu")
+    with pytest.raises(RuntimeError, match="neither 'acc' nor 'rm_scores'"):
+        correctness(tu.get_tensordict({"uid": uids, "responses": rm_scores}), "acc", "cpu")
 
 
 def test_settings_from_env():

@@ -79,6 +79,7 @@ with warnings.catch_warnings():
         RESPONSE,
         actor_config,
         build_engine,
+        cpu_verl,
         direct,
         no_padding,
         padded_batch,
@@ -109,18 +110,6 @@ LOSS_TOL = 1e-3
 
 
 # ---- the two ranks -------------------------------------------------------------------------
-
-
-def _cpu_verl() -> None:
-    """verl falls back to CUDA as its platform; its FSDP code asks for the device by name."""
-    from verl.utils import fsdp_utils, seqlen_balancing
-    from verl.workers.engine.fsdp import transformer_impl
-    from verl.workers.engine.fsdp import utils as engine_utils
-
-    for module in (transformer_impl, fsdp_utils):
-        module.get_device_id = lambda: "cpu"
-    for module in (transformer_impl, fsdp_utils, seqlen_balancing, engine_utils):
-        module.get_device_name = lambda: "cpu"
 
 
 def _fsdp2_engine(rank: int):
@@ -392,7 +381,7 @@ def _rank_main(rank: int, path: str) -> None:
         os.environ.pop(f"HIDDEN_ALIGN_{name}", None)
     import hidden_align.integrations.verl  # noqa: F401 - applies the engine wrap
 
-    _cpu_verl()
+    cpu_verl()
     dist.init_process_group(
         "gloo",
         init_method=f"file://{path}/rendezvous",

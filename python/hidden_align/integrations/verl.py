@@ -39,8 +39,11 @@ HIDDEN_ALIGN_LOSS_TYPE         cosine, centroid or mse                          
 HIDDEN_ALIGN_THRESHOLD         correct means correctness value > threshold             0.5
 HIDDEN_ALIGN_OFFSET            anchor = marker start + offset                          -1
 HIDDEN_ALIGN_OCCURRENCE        last or first marker match in the response              last
-HIDDEN_ALIGN_CORRECT           batch key of per-rollout correctness (the DAPO reward   acc
-                               manager's ``acc``); ``rm_scores`` summed when absent
+HIDDEN_ALIGN_CORRECT           per-rollout correctness (the DAPO reward manager's      acc
+                               ``acc``): the batch key; else, in the V1 trainer, the
+                               key in every rollout's ``extra_fields`` ->
+                               ``reward_extra_info`` (raises where a rollout lacks
+                               it); else ``rm_scores`` summed
 HIDDEN_ALIGN_FUSED_LOGPROBS    1: verl's fused log-prob path (``use_fused_kernels``,   0
                                torch backend) runs :func:`hidden_align.token_logprobs`
 HIDDEN_ALIGN_ALLOW_UNTESTED_VERL  1: apply the engine wrap on another verl version     unset

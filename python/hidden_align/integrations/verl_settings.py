@@ -34,8 +34,11 @@ class Settings(TermSettings):
         threshold: a rollout is correct when its correctness value is above it.
         offset: anchor = marker start + offset (-1: the token before the marker).
         occurrence: ``last`` or ``first`` match of a marker in the response.
-        correct_key: batch key with one correctness value per rollout (non-tensor list or
-            tensor; a ``[B, T]`` tensor is summed over T); verl's ``rm_scores`` when absent.
+        correct_key: the correctness of each rollout: a batch key (non-tensor list or
+            tensor; a ``[B, T]`` tensor is summed over T); else, in verl's V1 trainer, this
+            key of every rollout's ``extra_fields["reward_extra_info"]`` (a rollout without
+            it raises); else verl's ``rm_scores``
+            (:func:`hidden_align.integrations.verl_inputs._correctness`).
         fused_logprobs: route verl's fused log-prob path (``use_fused_kernels=True``, torch
             backend) through :func:`hidden_align.token_logprobs`
             (:mod:`hidden_align.integrations.verl_logprobs`).
