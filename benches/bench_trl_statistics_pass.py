@@ -9,7 +9,7 @@ per generation batch in 2 micro-steps, completions of about 100 tokens written b
 ``rollout_func`` (so that generation, usually the largest part of a step, is left out: the
 ratios below are upper bounds of the share of a real step).
 
-Usage: python benches/bench_trl_statistics_pass.py [--steps 6]
+Usage: python benches/bench_trl_statistics_pass.py [--steps 11]
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def run(cls, steps: int, **align) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=11)
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

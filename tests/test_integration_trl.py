@@ -259,13 +259,21 @@ def _separate_forward(model, markers, rows):
     return out.hidden_states, anchors
 
 
-# (gradient_accumulation_steps, steps_per_generation, where the statistics come from)
-MICRO_STEP_CASES = [(1, 1, "forward"), (2, 2, "own_pass"), (2, 4, "trl_pass"), (1, 2, "trl_pass")]
+# (gradient_accumulation_steps, steps_per_generation, where the statistics come from, whether
+# the model counts as sharded: a pass of our own then runs TRL's whole forward, LM head
+# included, instead of the backbone alone)
+MICRO_STEP_CASES = [
+    (1, 1, "forward", False),
+    (2, 2, "own_pass", False),
+    (2, 2, "own_pass", True),
+    (2, 4, "trl_pass", False),
+    (1, 2, "trl_pass", False),
+]
 
 
-@pytest.mark.parametrize(("accumulation", "per_generation", "source"), MICRO_STEP_CASES)
+@pytest.mark.parametrize(("accumulation", "per_generation", "source", "sharded"), MICRO_STEP_CASES)
 def test_micro_steps_add_up_to_the_generation_batch_loss(
-    tokenizer, markers, tmp_path, monkeypatch, accumulation, per_generation, source
+    tokenizer, markers, tmp_path, monkeypatch, accumulation, per_generation, source, sharded
 ):
     """Through TRL's own ``_prepare_inputs`` (generate, shuffle, split into micro-steps): the
     term's gradient, accumulated over the micro-steps of one generation batch, is
@@ -286,7 +294,18 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
         )
     if source != "own_pass":  # the statistics must then cost no forward of their own
         monkeypatch.setattr(trainer, "_align_own_pass", None)
+    # Read only by the statistics pass once the trainer is built (FSDP would set it).
+    monkeypatch.setattr(trainer, "is_fsdp_enabled", sharded)
     model = trainer.model
+    no_grad_passes = []  # TRL's no-grad forwards (LM head included): its own, or ours
+    trl_forward = GRPOTrainer._get_per_token_logps_and_entropies
+
+    def counted(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            no_grad_passes.append(1)
+        return trl_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_get_per_token_logps_and_entropies", counted)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainer.current_gradient_accumulation_steps = accumulation
@@ -308,6 +327,7 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
             if got is not None:
                 acc += got - zero
     assert trainer.align_statistics_source == source
+    assert bool(no_grad_passes) == (source == "trl_pass" or sharded)
 
     # The whole generation batch, in one forward: the buffered micro-steps hold all its rows.
     rows = {
@@ -325,7 +345,8 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
     assert any(g is not None and g.abs().max() > 0 for g in expected)
     worst = max((g - (0 if r is None else r)).abs().max().item() for g, r in zip(term, expected))
     scale = max(r.abs().max().item() for r in expected if r is not None)
-    print(f"[{source}] largest gradient difference {worst:.1e} (largest element {scale:.1e})")
+    case = f"{source}, sharded={sharded}"
+    print(f"[{case}] largest gradient difference {worst:.1e} (largest element {scale:.1e})")
     for got, ref in zip(term, expected):
         torch.testing.assert_close(
             got, torch.zeros_like(got) if ref is None else ref, rtol=1e-4, atol=1e-6

@@ -311,16 +311,8 @@ class HiddenAlignGRPOMixin:
             for batch in batches:
                 token_ids, in_completion = self._align_tokens(batch)
                 rows = AnchorRows.found(self._align_anchors, token_ids, in_completion)
-                attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
                 with collecting(module, rows):
-                    super()._get_per_token_logps_and_entropies(
-                        self.model,
-                        token_ids,
-                        attention,
-                        batch["completion_ids"].shape[1],
-                        batch_size=len(token_ids),
-                        **{key: batch.get(key) for key in _FORWARD_KEYS},
-                    )
+                    self._align_statistics_forward(batch, token_ids)
                 gathered.append((rows, batch))
 
         def part():
@@ -332,6 +324,31 @@ class HiddenAlignGRPOMixin:
 
         return reduce_over_processes(part, self.accelerator.device)
 
+    def _align_statistics_forward(self, batch: dict, token_ids: torch.Tensor) -> None:
+        """One micro-batch's no-grad forward for the statistics. Text-only, and with the model
+        whole on each process (no FSDP, no DeepSpeed): the backbone alone, which computes the
+        same states without the LM head (its vocabulary projection and log-softmax). Otherwise
+        TRL's own forward, which knows how to run a sharded model and multimodal inputs."""
+        attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+        inputs = {key: batch.get(key) for key in _FORWARD_KEYS}
+        sharded = getattr(self, "is_fsdp_enabled", False) or getattr(
+            self, "is_deepspeed_enabled", False
+        )
+        if sharded or any(value is not None for value in inputs.values()):
+            super()._get_per_token_logps_and_entropies(
+                self.model,
+                token_ids,
+                attention,
+                batch["completion_ids"].shape[1],
+                batch_size=len(token_ids),
+                **inputs,
+            )
+            return
+        with self.accelerator.autocast():
+            self._align_backbone(self.model)(
+                input_ids=token_ids, attention_mask=attention, use_cache=False
+            )
+
     def _align_checkpointing_off(self):
         """Reentrant gradient checkpointing off for a no-grad pass, as TRL turns it off for
         its own (it warns there); non-reentrant checkpointing runs a no-grad forward as it is,
@@ -339,7 +356,8 @@ class HiddenAlignGRPOMixin:
         from trl.models.utils import disable_gradient_checkpointing
 
         kwargs = self.args.gradient_checkpointing_kwargs
-        reentrant = kwargs is None or kwargs.get("use_reentrant", True)
+        # transformers' default (kwargs None) is non-reentrant; torch's, without the key, not.
+        reentrant = kwargs is not None and kwargs.get("use_reentrant", True)
         if not reentrant or not getattr(self.model, "is_gradient_checkpointing", False):
             return nullcontext()
         return disable_gradient_checkpointing(self.model, kwargs)
