@@ -297,7 +297,7 @@ class HiddenAlignGRPOMixin:
 
     def _align_own_pass(self):
         """The statistics of the buffered generation batch from a no-grad forward of its
-        micro-batches, run as TRL runs its own no-grad pass."""
+        micro-batches (:meth:`_align_statistics_forward`), all-reduced over the processes."""
         batches = getattr(self, "_buffered_inputs", None)
         if not batches:
             raise HiddenAlignError(
