@@ -71,7 +71,14 @@ def brevity(completions, **kwargs):
 
 
 def make_trainer(
-    cls, tokenizer, out_dir, accumulation=2, per_generation=None, dropout=0.0, **extra
+    cls,
+    tokenizer,
+    out_dir,
+    accumulation=2,
+    per_generation=None,
+    dropout=0.0,
+    config=None,
+    **extra,
 ):
     args = GRPOConfig(
         output_dir=str(out_dir),
@@ -90,6 +97,7 @@ def make_trainer(
         seed=0,
         bf16=False,
         disable_tqdm=True,
+        **(config or {}),
     )
     data = Dataset.from_dict({"prompt": PROMPTS, "answer": ANSWERS})
     return cls(
@@ -259,21 +267,31 @@ def _separate_forward(model, markers, rows):
     return out.hidden_states, anchors
 
 
-# (gradient_accumulation_steps, steps_per_generation, where the statistics come from, whether
-# the model counts as sharded: a pass of our own then runs TRL's whole forward, LM head
-# included, instead of the backbone alone)
+# (gradient_accumulation_steps, steps_per_generation, where the statistics come from, variant).
+# Variants: "sharded", the model counts as sharded (a pass of our own then runs TRL's whole
+# forward, LM head included, instead of the backbone alone); "lora", a LoRA adapter with a KL
+# term (beta > 0), whose reference log-probs TRL computes with the adapter off, in a no-grad
+# pass of the same model right after the one the statistics come from.
 MICRO_STEP_CASES = [
-    (1, 1, "forward", False),
-    (2, 2, "own_pass", False),
-    (2, 2, "own_pass", True),
-    (2, 4, "trl_pass", False),
-    (1, 2, "trl_pass", False),
+    (1, 1, "forward", ""),
+    (2, 2, "own_pass", ""),
+    (2, 2, "own_pass", "sharded"),
+    (2, 4, "trl_pass", ""),
+    (1, 2, "trl_pass", ""),
+    (2, 4, "trl_pass", "lora"),
 ]
 
 
-@pytest.mark.parametrize(("accumulation", "per_generation", "source", "sharded"), MICRO_STEP_CASES)
+def _lora() -> dict:
+    peft = pytest.importorskip("peft", reason="peft is not installed: pip install peft")
+    # Random adapter weights (not the zero-initialised B): the adapter changes the states.
+    lora = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return {"peft_config": lora, "config": {"beta": 0.1}}
+
+
+@pytest.mark.parametrize(("accumulation", "per_generation", "source", "variant"), MICRO_STEP_CASES)
 def test_micro_steps_add_up_to_the_generation_batch_loss(
-    tokenizer, markers, tmp_path, monkeypatch, accumulation, per_generation, source, sharded
+    tokenizer, markers, tmp_path, monkeypatch, accumulation, per_generation, source, variant
 ):
     """Through TRL's own ``_prepare_inputs`` (generate, shuffle, split into micro-steps): the
     term's gradient, accumulated over the micro-steps of one generation batch, is
@@ -291,10 +309,12 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
             align_coef=COEF,
             align_markers=markers,
             align_reward="correct",
+            **(_lora() if variant == "lora" else {}),
         )
     if source != "own_pass":  # the statistics must then cost no forward of their own
         monkeypatch.setattr(trainer, "_align_own_pass", None)
     # Read only by the statistics pass once the trainer is built (FSDP would set it).
+    sharded = variant == "sharded"
     monkeypatch.setattr(trainer, "is_fsdp_enabled", sharded)
     model = trainer.model
     no_grad_passes = []  # TRL's no-grad forwards (LM head included): its own, or ours
@@ -345,7 +365,7 @@ def test_micro_steps_add_up_to_the_generation_batch_loss(
     assert any(g is not None and g.abs().max() > 0 for g in expected)
     worst = max((g - (0 if r is None else r)).abs().max().item() for g, r in zip(term, expected))
     scale = max(r.abs().max().item() for r in expected if r is not None)
-    case = f"{source}, sharded={sharded}"
+    case = f"{source} {variant}".strip()
     print(f"[{case}] largest gradient difference {worst:.1e} (largest element {scale:.1e})")
     for got, ref in zip(term, expected):
         torch.testing.assert_close(
