@@ -450,6 +450,24 @@ def direct(model, tensors, non_tensors, old, adv, layer, coef, autocast=torch.fl
     return pg + coef * align, align, stats
 
 
+def full_batch_gradients(model, total, align, stats, coef) -> dict:
+    """What a test compares with: the gradient of ``total`` (:func:`direct`) in float32, the
+    alignment term's part of it alone, the alignment loss and the statistics."""
+    params = dict(model.named_parameters())
+    term = torch.autograd.grad(
+        coef * align, list(params.values()), retain_graph=True, allow_unused=True
+    )
+    total.backward()
+    return {
+        "grads": {n: p.grad.float() for n, p in params.items()},
+        "term": {
+            n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), term)
+        },
+        "align": float(align.detach()),
+        "stats": stats,
+    }
+
+
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

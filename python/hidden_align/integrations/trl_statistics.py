@@ -103,11 +103,12 @@ class AnchorRows:
         """This process's part of the statistics (or raises what the pass met)."""
         if self.failure is not None:
             raise self.failure
-        if sum(r.shape[0] for r in self.rows) != self.anchors.shape[0]:
+        seen = sum(r.shape[0] for r in self.rows)
+        if seen != self.anchors.shape[0]:
             raise _RankFailure(
                 _NO_ROWS,
-                f"hidden_align: the no-grad pass ran the hooked module on "
-                f"{sum(r.shape[0] for r in self.rows)} of its {self.anchors.shape[0]} rows",
+                f"hidden_align: the no-grad pass ran the hooked module on {seen} of its "
+                f"{self.anchors.shape[0]} rows",
             )
         rows = torch.cat(self.rows)
         # The gathered rows as a [B, 1, H] batch whose anchor, where there is one, is at 0.
