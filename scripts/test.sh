@@ -42,6 +42,13 @@ vermin --no-tips --violations -t=3.9- python/hidden_align
 
 echo "== pytest"
 python -m pytest -q
+echo "== pytest: the CPU op tests at each lower SIMD level this CPU has (HIDDEN_ALIGN_SIMD)"
+for level in $(python -c 'import hidden_align as ha; s = ha.simd_levels(); print(*s["available"][:-1])'); do
+    echo "-- $level"
+    HIDDEN_ALIGN_SIMD=$level python -m pytest -q -p no:cacheprovider tests/test_dapo.py \
+        tests/test_dapo_verl.py tests/test_token_logprobs.py tests/test_align.py \
+        tests/test_align_precision.py tests/test_find_anchors.py tests/test_simd_levels.py
+done
 echo "== pytest: the emulated kernels again, four blocks of each launch at once"
 HIDDEN_ALIGN_EMULATED_BLOCKS=4 python -m pytest -q tests/test_cuda_emulated.py
 

@@ -27,7 +27,7 @@ mod _native {
     #[pymodule_export]
     use crate::py::backend::{
         compile_kernels, cuda_status, get_backend, kernel_programs, prepare_cuda, set_backend,
-        set_emulated_blocks,
+        set_emulated_blocks, set_simd_level, simd_levels,
     };
     #[pymodule_export]
     use crate::py::dapo::{

@@ -368,11 +368,12 @@ pub trait Scalar: HasDType {
 }
 
 macro_rules! scalar_as {
-    ($($t:ty),*) => { $(impl Scalar for $t { fn to_f64(self) -> f64 { self as f64 } })* };
+    ($($t:ty),*) => { $(impl Scalar for $t { #[inline(always)] fn to_f64(self) -> f64 { self as f64 } })* };
 }
 scalar_as!(u8, i32, i64, f32, f64);
 
 impl Scalar for bool {
+    #[inline(always)]
     fn to_f64(self) -> f64 {
         if self { 1.0 } else { 0.0 }
     }

@@ -63,8 +63,14 @@ def test_doctor():
 def test_bench_quick_table(capsys):
     assert cli.main(["bench", "--quick", "--ops", "loss", "find_anchors", "overlong"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[3] == "| op | shape | provider | provider ms | hidden_align ms | ratio | note |"
+    header = "| op | shape | provider | provider ms | hidden_align ms | ratio | floor MB | "
+    assert lines[3] == header + "of read bandwidth | note |"
+    # The header names the SIMD level in use and the measured read bandwidth.
+    level = hidden_align.simd_levels()["level"]
+    assert f"hidden_align SIMD {level}), read bandwidth " in lines[1]
     body = "\n".join(lines[5:])
+    fractions = [float(row.split(" | ")[-2].rstrip("%")) for row in lines[5:] if row]
+    assert fractions and all(f >= 0 for f in fractions)
     for op in ("loss fwd+bwd", "find_anchors", "overlong_penalty"):
         assert f"| {op} |" in body
     assert "group_advantages" not in body

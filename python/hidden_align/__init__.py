@@ -7,7 +7,15 @@ logp, ent = ha.token_logprobs(hidden, lm_head.weight, targets, return_entropy=Tr
 """
 
 from . import dapo
-from ._backend import backend, cuda_status, get_backend, prepare_cuda, set_backend
+from ._backend import (
+    backend,
+    cuda_status,
+    get_backend,
+    prepare_cuda,
+    set_backend,
+    set_simd_level,
+    simd_levels,
+)
 from ._native import __version__
 from .align import loss
 from .anchors import find_anchors, marker_token_ids, unpadded_rows
@@ -47,6 +55,8 @@ __all__ = [
     "marker_token_ids",
     "prepare_cuda",
     "set_backend",
+    "set_simd_level",
+    "simd_levels",
     "text_markers",
     "token_logprobs",
     "unpadded_rows",

@@ -121,5 +121,27 @@ def cuda_status() -> dict:
     return status
 
 
+def simd_levels() -> dict:
+    """The instruction set of the CPU kernels: ``level`` (in use), ``best`` (the best this CPU
+    has) and ``available`` (every level it has, lowest first). Levels are ``"avx512"``
+    (x86-64-v4), ``"avx2"`` (AVX2 + FMA, x86-64-v3) and ``"baseline"`` on x86-64, ``"neon"``
+    on aarch64. Every level gives the same results bit for bit (docs/design.md, "SIMD")."""
+    level, best, available = _native.simd_levels()
+    return {"level": level, "best": best, "available": list(available)}
+
+
+def set_simd_level(level: str | None = None) -> str:
+    """Runs the CPU kernels at ``level`` (one this CPU has, e.g. ``"avx2"`` on an AVX-512
+    machine), or at the best one for ``None``; returns the level now in use. The environment
+    variable ``HIDDEN_ALIGN_SIMD`` sets it at import."""
+    if level is not None and not isinstance(level, str):
+        from .errors import ArgumentError
+
+        raise ArgumentError(f"level: expected a level name or None, got {type(level).__name__}")
+    return _native.set_simd_level(level)
+
+
 if os.environ.get("HIDDEN_ALIGN_BACKEND"):
     set_backend(os.environ["HIDDEN_ALIGN_BACKEND"])
+if os.environ.get("HIDDEN_ALIGN_SIMD"):
+    set_simd_level(os.environ["HIDDEN_ALIGN_SIMD"])

@@ -5,9 +5,9 @@ verl is installed (``compute_policy_loss_vanilla``, ``compute_grpo_outcome_advan
 the installed verl has it, ``compute_grpo_vectorized_outcome_advantage``), the eager PyTorch
 formulas below (in float32 and, for the alignment loss, float64) and ``torch.compile`` of them.
 Providers of one op are timed round-robin in the same rounds, so each ratio compares timings taken
-under the same conditions. On a GPU the timings come from CUDA events and each op's time is also
-expressed as a fraction of the measured device-to-device copy bandwidth, counting the bytes the op
-must move at least (its floor).
+under the same conditions. On a GPU the timings come from CUDA events. Each op's time is also
+expressed as a fraction of the device's measured bandwidth (device-to-device copy on a GPU, reading
+on the CPU), counting the bytes the op must move at least (its floor).
 
 ``hidden-align bench`` (``hidden_align.cli``) runs :func:`run_bench` and prints
 :func:`format_table` or the JSON of the result.
@@ -70,6 +70,15 @@ def time_providers(
                 fns[name]()
                 samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def read_bandwidth(nbytes: int, reps: int = 10) -> float:
+    """The CPU's read bandwidth in bytes/s: a sum over ``nbytes`` of float32, with PyTorch's
+    threads (the sum's arithmetic is far below what the cores can do, so the reading bounds
+    it). The floors of the ops are reads for the most part, so this is the fraction's base."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = time_providers({"read": lambda: src.sum()}, reps, warmup=2)["read"]
+    return nbytes / t
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, reps: int = 10) -> float:
@@ -225,7 +234,10 @@ class Row:
     provider_ms: float | None
     hidden_align_ms: float | None
     ratio: float | None  # provider time / hidden_align time: > 1 means hidden_align is faster
-    bandwidth_fraction: float | None = None  # of hidden_align, on CUDA
+    # of hidden_align: the floor's bytes over its time, as a fraction of the device's measured
+    # copy bandwidth (CUDA) or read bandwidth (CPU)
+    bandwidth_fraction: float | None = None
+    floor_bytes: int | None = None  # the bytes the op must move at least
     note: str = ""
 
 
@@ -236,7 +248,7 @@ class Result:
     reps: int
     quick: bool
     compile: str
-    copy_bandwidth_gbs: float | None
+    copy_bandwidth_gbs: float | None  # device-to-device copy on CUDA, read on the CPU
     versions: dict
     rows: list = field(default_factory=list)
 
@@ -461,7 +473,8 @@ def _cases(dev, quick, ops, core_algos, config):
     else:
         loss_shapes = [(128, 256, 1024, 16, torch.float32)]
         anchor_shape, adv_shape, small = (256, 4096), (8192, 32, 16), 8192
-        policy_shapes = [(64, 4096, torch.float32), (64, 4096, torch.bfloat16)]
+        policy_dtypes = (torch.float32, torch.bfloat16)
+        policy_shapes = [(64, t, dt) for t in (4096, 8192) for dt in policy_dtypes]
     builders = {
         "loss": lambda: [_loss_case(dev, *s, gen) for s in loss_shapes],
         "find_anchors": lambda: [_anchors_case(dev, *anchor_shape, gen)],
@@ -532,8 +545,12 @@ def run_bench(
         name = torch.cuda.get_device_name(dev)
         bandwidth = copy_bandwidth(dev, (64 << 20) if quick else (1 << 30))
     else:
-        name = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        bandwidth = None
+        simd = ha.simd_levels()["level"]
+        name = (
+            f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads,"
+            f" hidden_align SIMD {simd}"
+        )
+        bandwidth = read_bandwidth(1 << 30 if not quick else 64 << 20)
     versions = {
         "hidden_align": ha.__version__,
         "torch": torch.__version__,
@@ -582,6 +599,7 @@ def run_bench(
                     hidden_align_ms=ours * 1e3,
                     ratio=None if t is None else t / ours,
                     bandwidth_fraction=fraction,
+                    floor_bytes=case.floor_bytes,
                     note=notes.get(pname, ""),
                 )
             )
@@ -594,8 +612,7 @@ def format_table(result: Result) -> str:
     """A Markdown table of the result, with a header line naming the run."""
     cuda = result.device.startswith("cuda")
     header = ["op", "shape", "provider", "provider ms", "hidden_align ms", "ratio"]
-    if cuda:
-        header.append("of copy bandwidth")
+    header += ["floor MB", "of copy bandwidth" if cuda else "of read bandwidth"]
     header.append("note")
     lines = []
     v = result.versions
@@ -606,7 +623,8 @@ def format_table(result: Result) -> str:
     lines.append(title)
     where = f"{result.device} ({result.device_name})"
     if result.copy_bandwidth_gbs:
-        where += f", copy bandwidth {result.copy_bandwidth_gbs:.0f} GB/s"
+        kind = "copy" if cuda else "read"
+        where += f", {kind} bandwidth {result.copy_bandwidth_gbs:.0f} GB/s"
     timing = "CUDA events" if cuda else "wall clock"
     lines.append(
         f"{where}; median of {result.reps} ({timing}, providers interleaved); "
@@ -623,9 +641,9 @@ def format_table(result: Result) -> str:
             "-" if r.hidden_align_ms is None else f"{r.hidden_align_ms:.3f}",
             "-" if r.ratio is None else f"{r.ratio:.1f}x",
         ]
-        if cuda:
-            f = r.bandwidth_fraction
-            cells.append("-" if f is None else f"{100 * f:.0f}%")
+        f = r.bandwidth_fraction
+        cells.append("-" if r.floor_bytes is None else f"{r.floor_bytes / 1e6:.2f}")
+        cells.append("-" if f is None else f"{100 * f:.0f}%")
         cells.append(r.note)
         rows.append(cells)
     lines.append("| " + " | ".join(header) + " |")

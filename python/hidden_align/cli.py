@@ -68,8 +68,10 @@ def build_parser(with_demo: bool = False) -> argparse.ArgumentParser:
         "bench",
         help=bench_help,
         description=bench_help
-        + ". Ratio = reference ms / hidden_align ms, from the same interleaved run. On a GPU: "
-        "CUDA events, and hidden_align's fraction of the measured copy bandwidth.",
+        + ". Ratio = reference ms / hidden_align ms, from the same interleaved run. Each op's "
+        "floor (the bytes it must move) and hidden_align's fraction of the measured bandwidth "
+        "(reading on the CPU, copying on a GPU); on a GPU, CUDA events. The header names the "
+        "CPU kernels' SIMD level.",
     )
     bench.add_argument(
         "--device",

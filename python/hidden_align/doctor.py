@@ -74,7 +74,18 @@ def check_backends() -> list:
     import hidden_align as ha
 
     status = ha.cuda_status()
-    out = [Check("backends", "cpu", OK, "Rust kernels (always available)")]
+    simd = ha.simd_levels()
+    forced = "" if simd["level"] == simd["best"] else f", lowered from {simd['best']}"
+    out = [
+        Check("backends", "cpu", OK, "Rust kernels (always available)"),
+        Check(
+            "backends",
+            "cpu simd",
+            OK,
+            f"{simd['level']}{forced} (this CPU: {', '.join(simd['available'])};"
+            " HIDDEN_ALIGN_SIMD lowers it)",
+        ),
+    ]
     if status.get("emulation_built"):
         blocks = status.get("emulated_blocks")
         out.append(

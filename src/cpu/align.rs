@@ -8,7 +8,7 @@ use ndarray::Array2;
 use num_traits::{Float, One, Zero};
 
 use super::float::{Acc, Elem, Pooled, dot, give_back, take_zeroed};
-use super::{Bound, for_each_chunk, for_each_chunk_with, map_range};
+use super::{Bound, for_each_chunk, for_each_chunk_with, map_range, simd};
 use crate::op::align::{AlignConfig, AlignForward, LossType, Reduction};
 use crate::op::anchor_plan::{AnchorPlan, RowSpace};
 use crate::tensor::TensorRef;
@@ -148,11 +148,13 @@ fn gather_work<A: Pooled>(a: &Anchored<A>, cfg: &AlignConfig) -> usize {
     a.u.len() * pairs
 }
 
+#[inline(always)]
 fn row<A>(m: &Array2<A>, i: usize) -> &[A] {
     m.row(i).to_slice().expect("owned arrays are row-major")
 }
 
 /// Sum of the listed rows of `m`.
+#[inline(always)]
 fn sum_rows<A: Acc>(m: &Array2<A>, rows: &[usize]) -> Vec<A> {
     let mut s = vec![A::zero(); m.ncols()];
     for &i in rows {
@@ -171,6 +173,7 @@ fn is_valid(cfg: &AlignConfig, n: usize, negatives: usize) -> bool {
 /// Mean pairwise cosine `(||S||^2 - sum ||u_i||^2) / (n (n - 1))` of a group's correct anchors,
 /// held to [-1, 1]: for (nearly) identical anchors rounding can push the difference of sums a few
 /// ulps past 1, which would make the cosine loss slightly negative. NaN stays NaN.
+#[inline(always)]
 fn pair_cosine<A: Pooled>(a: &Anchored<A>, members: &[usize]) -> A {
     let n = A::of(members.len() as f64);
     let s = sum_rows(&a.u, members);
@@ -189,6 +192,7 @@ fn pair_cosine<A: Pooled>(a: &Anchored<A>, members: &[usize]) -> A {
 }
 
 /// Per-group loss of a valid group.
+#[inline(always)]
 fn group_loss<A: Pooled>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
     let members = &a.correct[g];
     let n = A::of(members.len() as f64);
@@ -237,6 +241,7 @@ fn group_loss<A: Pooled>(a: &Anchored<A>, cfg: &AlignConfig, g: usize) -> A {
     }
 }
 
+#[inline(always)]
 fn unit<A: Acc>(s: &[A], eps: A) -> Vec<A> {
     let norm = dot(s, s).sqrt();
     let inv = if norm > eps {
@@ -284,16 +289,21 @@ pub fn forward<T: Elem>(
     let work = gather_work(&a, cfg);
     let per_group: Vec<(T::Acc, bool, Option<T::Acc>)> =
         map_range(plan.num_groups, work, group_bound(cfg), |g| {
-            let n = a.correct[g].len();
-            let valid = is_valid(cfg, n, a.negative[g].len());
-            let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
-            let loss = match (valid, cosine) {
-                (false, _) => T::Acc::zero(),
-                // The cosine loss is the statistic's complement: computed once.
-                (true, Some(c)) if cfg.loss_type == LossType::Cosine => T::Acc::one() - c,
-                (true, _) => group_loss(&a, cfg, g),
-            };
-            (loss, valid, cosine)
+            simd::vectorized(
+                #[inline(always)]
+                || {
+                    let n = a.correct[g].len();
+                    let valid = is_valid(cfg, n, a.negative[g].len());
+                    let cosine = (n >= 2).then(|| pair_cosine(&a, &a.correct[g]));
+                    let loss = match (valid, cosine) {
+                        (false, _) => T::Acc::zero(),
+                        // The cosine loss is the statistic's complement: computed once.
+                        (true, Some(c)) if cfg.loss_type == LossType::Cosine => T::Acc::one() - c,
+                        (true, _) => group_loss(&a, cfg, g),
+                    };
+                    (loss, valid, cosine)
+                },
+            )
         });
     let valid_groups = per_group.iter().filter(|p| p.1).count();
     let total: T::Acc = per_group.iter().map(|p| p.0).sum();
@@ -345,7 +355,10 @@ pub fn backward<T: Elem>(
     let per_group: Vec<Vec<(usize, Vec<T::Acc>)>> =
         map_range(plan.num_groups, work, group_bound(cfg), |g| {
             if valid[g] {
-                group_grad(&a, cfg, g, weight(g))
+                simd::vectorized(
+                    #[inline(always)]
+                    || group_grad(&a, cfg, g, weight(g)),
+                )
             } else {
                 Vec::new()
             }
@@ -385,6 +398,7 @@ pub fn backward<T: Elem>(
 }
 
 /// `dL_g/du` (`dL_g/dh` for mse) of the rows of group g, scaled by `w`.
+#[inline(always)]
 fn group_grad<A: Pooled>(
     a: &Anchored<A>,
     cfg: &AlignConfig,

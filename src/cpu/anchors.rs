@@ -2,7 +2,7 @@
 //! (first), stopping at the first start column where a spelling (or a marker text) matches.
 
 use super::float::Strided2;
-use super::{Bound, map_range};
+use super::{Bound, map_range, simd};
 use crate::error::Result;
 use crate::op::anchors::{FindAnchors, Occurrence, TextMarkers, can_start, pieces, place};
 use crate::tensor::Scalar;
@@ -87,7 +87,12 @@ pub fn find_anchors<I: TokenId, M: Scalar + Copy>(
     // Rows in parallel from 64k tokens: at B=512, T=8192 two threads scan a batch without a
     // marker in 5.3 ms against 8.3 ms on one (interleaved with torch ops, whose idle OpenMP
     // threads share the cores), bench-results/find-anchors.md.
-    let anchors = map_range(b, b * t, Bound::Compute, row);
+    let anchors = map_range(b, b * t, Bound::Compute, |r| {
+        simd::vectorized(
+            #[inline(always)]
+            || row(r),
+        )
+    });
     out.copy_from_slice(&anchors);
 }
 
@@ -202,7 +207,12 @@ pub fn find_text_anchors<I: TokenId, M: Scalar + Copy>(
         found.map_or(-1, |s| place(s, offset, t))
     };
     // Rows in parallel from 64k tokens, as the id scan.
-    let anchors = map_range(b, b * t, Bound::Compute, row);
+    let anchors = map_range(b, b * t, Bound::Compute, |r| {
+        simd::vectorized(
+            #[inline(always)]
+            || row(r),
+        )
+    });
     out.copy_from_slice(&anchors);
 }
 
@@ -212,6 +222,7 @@ const LANES: usize = 16;
 
 /// The last (or first) column `s` of `ids` with `candidate(ids[s])` and `matches(s)`.
 /// Candidates are found `LANES` columns at a time, with no early exit inside a group.
+#[inline(always)]
 fn scan<I: TokenId>(
     ids: &[I],
     occurrence: Occurrence,

@@ -5,7 +5,7 @@
 use num_traits::{Float, Zero};
 
 use super::float::{Acc, Elem, Strided2, lane_sum};
-use super::{Bound, for_each_chunk, map_range};
+use super::{Bound, for_each_chunk, map_range, simd};
 use crate::op::dapo::{AggConfig, AggMode, ClipConfig, PolicyForward, PolicyInputs};
 use crate::op::groups::members;
 use crate::tensor::{Scalar, TensorRef};
@@ -21,7 +21,10 @@ pub fn row_sums<T: Elem>(t: &TensorRef) -> Vec<f64> {
         .map(|r| {
             // SAFETY: r < B and c < cols, inside the tensor; T is its dtype.
             match unsafe { v.row_slice::<T>(r, 0, cols) } {
-                Some(row) => widened_lane_sum(row),
+                Some(row) => simd::vectorized(
+                    #[inline(always)]
+                    || widened_lane_sum(row),
+                ),
                 None => (0..cols)
                     .map(|c| unsafe { v.get::<T>(r, c) }.load().f64())
                     .sum(),
@@ -32,6 +35,7 @@ pub fn row_sums<T: Elem>(t: &TensorRef) -> Vec<f64> {
 
 /// Sum in f64 of a contiguous row over 8 interleaved lanes: one running sum would be bound by
 /// the latency of each addition.
+#[inline(always)]
 fn widened_lane_sum<T: Elem>(row: &[T]) -> f64 {
     let mut lanes = [0f64; 8];
     let chunks = row.chunks_exact(8);
@@ -104,24 +108,6 @@ pub fn dynamic_sampling(metric: &[f64], group: &[usize], num_groups: usize, out:
     }
 }
 
-/// NaN-propagating max/min, as `torch.maximum`/`torch.minimum`.
-#[inline(always)]
-fn nan_max<A: Float>(a: A, b: A) -> A {
-    if a.is_nan() || b.is_nan() {
-        A::nan()
-    } else {
-        a.max(b)
-    }
-}
-#[inline(always)]
-fn nan_min<A: Float>(a: A, b: A) -> A {
-    if a.is_nan() || b.is_nan() {
-        A::nan()
-    } else {
-        a.min(b)
-    }
-}
-
 /// Clip constants in the accumulator type; no log-ratio clamp is a clamp at infinity.
 #[derive(Clone, Copy)]
 struct Clip<A> {
@@ -132,6 +118,7 @@ struct Clip<A> {
 }
 
 impl<A: Acc> Clip<A> {
+    #[inline(always)]
     fn of(cfg: &ClipConfig) -> Self {
         Clip {
             lo: A::of(1.0 - cfg.low),
@@ -142,21 +129,21 @@ impl<A: Acc> Clip<A> {
     }
 }
 
-/// Everything one token contributes, forward and backward. Flags are 0/1 numbers so that the
-/// whole computation is selects and arithmetic, which vectorises.
+/// Everything one token contributes, forward and backward.
 struct Token<A> {
     /// The per-token loss before weights.
     loss: A,
     /// Clamped log-ratio d.
     d: A,
     /// `L2 > L1`.
-    clipped: A,
+    clipped: bool,
     /// `(C1 > L3) & (A < 0)`.
-    clipped_lower: A,
+    clipped_lower: bool,
     /// d(loss)/d(log_prob).
     grad: A,
 }
 
+/// `if cond { yes } else { no }`, which compiles to one compare-and-select per vector.
 #[inline(always)]
 fn pick<A: Float>(cond: bool, yes: A, no: A) -> A {
     if cond { yes } else { no }
@@ -164,30 +151,40 @@ fn pick<A: Float>(cond: bool, yes: A, no: A) -> A {
 
 /// verl `compute_policy_loss_vanilla` for one token, with the derivative autograd would give
 /// (ties of max/min split the gradient in half, clamps pass it on their closed interval).
+///
+/// NaN can only enter through the log-ratio or the advantage (the clamped ratio is finite and
+/// positive, so no product or sum below makes a new one). It is carried by one flag and put
+/// into the loss and the gradient at the end, as `torch.maximum`/`torch.minimum` would
+/// propagate it; every clamp, max and min is then a plain compare-and-select, which is what
+/// the per-token cost comes down to.
 #[inline(always)]
 fn token<A: Acc>(lp: A, old: A, adv: A, k: &Clip<A>) -> Token<A> {
     let (zero, one, half) = (A::zero(), A::one(), A::of(0.5));
     let raw = lp - old;
-    // max/min would swallow a NaN: keep it, so NaN in gives NaN out as in torch.clamp.
-    let d = pick(raw.is_nan(), raw, raw.max(-k.clamp).min(k.clamp));
-    let d_grad = pick(raw >= -k.clamp && raw <= k.clamp, one, zero);
+    let nan = raw.is_nan() | adv.is_nan();
+    // A NaN raw fails both compares and stays NaN in d.
+    let d = pick(raw < -k.clamp, -k.clamp, pick(raw > k.clamp, k.clamp, raw));
+    let d_grad = pick(d == raw, one, zero);
     let ratio = d.exp_fast();
-    let l1 = -adv * ratio;
-    let l2 = -adv * ratio.max(k.lo).min(k.hi);
+    let neg_adv = -adv;
+    let l1 = neg_adv * ratio;
+    let clamped = pick(ratio < k.lo, k.lo, pick(ratio > k.hi, k.hi, ratio));
+    let l2 = neg_adv * clamped;
     let dl1 = l1;
-    let dl2 = pick(ratio >= k.lo && ratio <= k.hi, dl1, zero);
-    let c1 = nan_max(l1, l2);
+    let dl2 = pick(clamped == ratio, dl1, zero);
+    let c1 = pick(l1 > l2, l1, l2);
     let dc1 = pick(l1 > l2, dl1, pick(l1 < l2, dl2, half * (dl1 + dl2)));
-    let l3 = -adv * k.c;
+    let l3 = neg_adv * k.c;
     let negative = adv < zero;
-    let c2 = nan_min(l3, c1);
+    let c2 = pick(l3 < c1, l3, c1);
     let share = pick(c1 < l3, one, pick(c1 == l3, half, zero));
+    let grad = pick(negative, share, one) * dc1 * d_grad;
     Token {
-        loss: pick(negative, c2, c1),
+        loss: pick(nan, A::nan(), pick(negative, c2, c1)),
         d,
-        clipped: pick(l2 > l1, one, zero),
-        clipped_lower: pick(c1 > l3 && negative, one, zero),
-        grad: pick(negative, share, one) * dc1 * d_grad,
+        clipped: l2 > l1,
+        clipped_lower: (c1 > l3) & negative,
+        grad: pick(nan, A::nan(), grad),
     }
 }
 
@@ -235,6 +232,7 @@ struct Block<A> {
 }
 
 impl<A: Acc> Block<A> {
+    #[inline(always)]
     fn new() -> Self {
         let z = [A::zero(); BLOCK];
         Block {
@@ -246,8 +244,9 @@ impl<A: Acc> Block<A> {
         }
     }
 
-    /// Loads columns `c0..c0 + n` of row `r`. Masked positions are replaced by neutral values
-    /// after loading, so garbage there (NaN, inf) never enters the arithmetic.
+    /// Loads columns `c0..c0 + n` of row `r` (the weights only when there are some: `w`
+    /// stays 1 otherwise). Masked positions are neutralised by the token loop.
+    #[inline(always)]
     fn load<T: Elem<Acc = A>, M: Scalar>(&mut self, v: &Views, r: usize, c0: usize, n: usize) {
         read_row::<M, A>(&v.mask, r, c0, &mut self.mask[..n], |m| A::of(m.to_f64()));
         read_row::<T, A>(&v.lp, r, c0, &mut self.lp[..n], T::load);
@@ -256,21 +255,22 @@ impl<A: Acc> Block<A> {
         if let Some(w) = &v.weights {
             read_row::<T, A>(w, r, c0, &mut self.w[..n], T::load);
         }
+    }
+
+    /// Token `i` with masked positions replaced by neutral values, so that garbage there
+    /// (NaN, inf) never enters the arithmetic: `(log_prob, old, advantage, mask, weight)`.
+    #[inline(always)]
+    fn masked(&self, i: usize) -> (A, A, A, A, A) {
         let zero = A::zero();
-        for i in 0..n {
-            let on = self.mask[i] != zero;
-            self.lp[i] = pick(on, self.lp[i], zero);
-            self.old[i] = pick(on, self.old[i], zero);
-            self.adv[i] = pick(on, self.adv[i], zero);
-            // Without weights w is never reloaded: set it from the mask, or a position masked
-            // in an earlier block of the row would stay zeroed.
-            let w = if v.weights.is_some() {
-                self.w[i]
-            } else {
-                A::one()
-            };
-            self.w[i] = pick(on, w, zero);
-        }
+        let m = self.mask[i];
+        let on = m != zero;
+        (
+            pick(on, self.lp[i], zero),
+            pick(on, self.old[i], zero),
+            pick(on, self.adv[i], zero),
+            m,
+            pick(on, self.w[i], zero),
+        )
     }
 }
 
@@ -288,6 +288,56 @@ fn read_row<T: Copy, A>(view: &Strided2, r: usize, c0: usize, out: &mut [A], f: 
     }
 }
 
+/// One row's forward sums; writes the row's factor when `factor_base` points at one.
+#[inline(always)]
+fn forward_row<T: Elem, M: Scalar>(
+    v: &Views,
+    r: usize,
+    t: usize,
+    k: &Clip<T::Acc>,
+    factor_base: Option<usize>,
+) -> RowSums {
+    let mut s = RowSums::default();
+    let mut blk = Block::<T::Acc>::new();
+    let zero = T::Acc::zero();
+    // Per-token terms of one block, reduced afterwards: a running sum inside the token
+    // loop would serialise it and stop vectorisation.
+    let (mut tl, mut tk, mut tc, mut to, mut tg) = (
+        [zero; BLOCK],
+        [zero; BLOCK],
+        [zero; BLOCK],
+        [zero; BLOCK],
+        [zero; BLOCK],
+    );
+    for c0 in (0..t).step_by(BLOCK) {
+        let n = BLOCK.min(t - c0);
+        blk.load::<T, M>(v, r, c0, n);
+        for i in 0..n {
+            let (lp, old, adv, m, w) = blk.masked(i);
+            let tok = token(lp, old, adv, k);
+            tl[i] = tok.loss * w * m;
+            tk[i] = -tok.d * m;
+            tc[i] = pick(tok.clipped, m, zero);
+            to[i] = pick(tok.clipped_lower, m, zero);
+            tg[i] = tok.grad * w * m;
+        }
+        if let Some(base) = factor_base {
+            // SAFETY: factor is a contiguous [B, T] output; this task alone writes row r.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(r * t + c0), n) };
+            dst.iter_mut()
+                .zip(&tg[..n])
+                .for_each(|(d, &g)| *d = T::store(g));
+        }
+        s.loss += lane_sum(&tl[..n]).f64();
+        s.kl += lane_sum(&tk[..n]).f64();
+        s.clipped += lane_sum(&tc[..n]).f64();
+        s.clipped_lower += lane_sum(&to[..n]).f64();
+        s.mask += lane_sum(&blk.mask[..n]).f64();
+    }
+    s
+}
+
 /// Forward of the policy loss; fills `scale` with `dloss/d(l m)` per row, and `factor` (when
 /// given, `[B, T]` contiguous) with `m w dl/dlog_prob`, so that the backward is one scaling.
 pub fn policy_forward<T: Elem, M: Scalar>(
@@ -302,45 +352,10 @@ pub fn policy_forward<T: Elem, M: Scalar>(
     let k = Clip::<T::Acc>::of(clip);
     let factor_base = factor.map(|f| f.as_mut_ptr() as usize);
     let rows: Vec<RowSums> = map_range(b, b * t, Bound::Compute, |r| {
-        let mut s = RowSums::default();
-        let mut blk = Block::<T::Acc>::new();
-        let zero = T::Acc::zero();
-        // Per-token terms of one block, reduced afterwards: a running sum inside the token
-        // loop would serialise it and stop vectorisation.
-        let (mut tl, mut tk, mut tc, mut to, mut tg) = (
-            [zero; BLOCK],
-            [zero; BLOCK],
-            [zero; BLOCK],
-            [zero; BLOCK],
-            [zero; BLOCK],
-        );
-        for c0 in (0..t).step_by(BLOCK) {
-            let n = BLOCK.min(t - c0);
-            blk.load::<T, M>(&v, r, c0, n);
-            for i in 0..n {
-                let tok = token(blk.lp[i], blk.old[i], blk.adv[i], &k);
-                let (m, w) = (blk.mask[i], blk.w[i]);
-                tl[i] = tok.loss * w * m;
-                tk[i] = -tok.d * m;
-                tc[i] = tok.clipped * m;
-                to[i] = tok.clipped_lower * m;
-                tg[i] = tok.grad * w * m;
-            }
-            if let Some(base) = factor_base {
-                // SAFETY: factor is a contiguous [B, T] output; this task alone writes row r.
-                let dst =
-                    unsafe { std::slice::from_raw_parts_mut((base as *mut T).add(r * t + c0), n) };
-                dst.iter_mut()
-                    .zip(&tg[..n])
-                    .for_each(|(d, &g)| *d = T::store(g));
-            }
-            s.loss += lane_sum(&tl[..n]).f64();
-            s.kl += lane_sum(&tk[..n]).f64();
-            s.clipped += lane_sum(&tc[..n]).f64();
-            s.clipped_lower += lane_sum(&to[..n]).f64();
-            s.mask += lane_sum(&blk.mask[..n]).f64();
-        }
-        s
+        simd::vectorized(
+            #[inline(always)]
+            || forward_row::<T, M>(&v, r, t, &k, factor_base),
+        )
     });
     let total = rows.iter().fold(RowSums::default(), |a, r| RowSums {
         loss: a.loss + r.loss,
@@ -411,16 +426,22 @@ pub fn policy_backward<T: Elem, M: Scalar>(
     let k = Clip::<T::Acc>::of(clip);
     let up = T::Acc::of(upstream);
     for_each_chunk(out, t, Bound::Compute, |r, row| {
-        let row_up = up * scale[r];
-        let mut blk = Block::<T::Acc>::new();
-        for c0 in (0..t).step_by(BLOCK) {
-            let n = BLOCK.min(t - c0);
-            blk.load::<T, M>(&v, r, c0, n);
-            for i in 0..n {
-                let g = token(blk.lp[i], blk.old[i], blk.adv[i], &k).grad;
-                row[c0 + i] = T::store(row_up * blk.mask[i] * blk.w[i] * g);
-            }
-        }
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                let row_up = up * scale[r];
+                let mut blk = Block::<T::Acc>::new();
+                for c0 in (0..t).step_by(BLOCK) {
+                    let n = BLOCK.min(t - c0);
+                    blk.load::<T, M>(&v, r, c0, n);
+                    for i in 0..n {
+                        let (lp, old, adv, m, w) = blk.masked(i);
+                        let g = token(lp, old, adv, &k).grad;
+                        row[c0 + i] = T::store(row_up * m * w * g);
+                    }
+                }
+            },
+        )
     });
 }
 
@@ -429,7 +450,10 @@ pub fn policy_backward_saved<T: Elem>(t: usize, scale: &[T::Acc], upstream: f64,
     let up = T::Acc::of(upstream);
     for_each_chunk(grad, t, Bound::Memory, |r, row| {
         let s = up * scale[r];
-        row.iter_mut().for_each(|g| *g = T::store(g.load() * s));
+        simd::vectorized(
+            #[inline(always)]
+            || row.iter_mut().for_each(|g| *g = T::store(g.load() * s)),
+        )
     });
 }
 
@@ -466,7 +490,7 @@ mod tests {
         let k = clip();
         let t = token(3.0, 0.0, -2.0, &k); // ratio e^3 > c = 3
         assert_eq!(t.loss, 6.0);
-        assert_eq!(t.clipped_lower, 1.0);
+        assert!(t.clipped_lower);
         assert_eq!(t.grad, 0.0);
     }
 

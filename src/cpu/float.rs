@@ -14,7 +14,7 @@ use crate::tensor::HasDType;
 const LANES: usize = 8;
 
 /// Sum of `x` in a fixed order over [`LANES`] interleaved lanes.
-#[inline]
+#[inline(always)]
 pub fn lane_sum<A: Acc>(x: &[A]) -> A {
     let mut lanes = [A::zero(); LANES];
     let chunks = x.chunks_exact(LANES);
@@ -28,7 +28,7 @@ pub fn lane_sum<A: Acc>(x: &[A]) -> A {
 }
 
 /// Dot product in the same fixed lane order as [`lane_sum`].
-#[inline]
+#[inline(always)]
 pub fn dot<A: Acc>(a: &[A], b: &[A]) -> A {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -61,12 +61,15 @@ pub trait Acc: Float + Sum + AddAssign + SubAssign + MulAssign + Default + Send 
 }
 
 impl Acc for f32 {
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x as f32
     }
+    #[inline(always)]
     fn f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn exp_fast(self) -> Self {
         exp_f32(self)
     }
@@ -83,7 +86,8 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest through the 1.5 * 2^23 trick (vectorises, unlike f32::round).
     const SHIFT: f32 = 12_582_912.0;
     let xc = x.clamp(-104.0, 89.0);
-    let n = (xc * LOG2E + SHIFT) - SHIFT;
+    let shifted = xc * LOG2E + SHIFT;
+    let n = shifted - SHIFT;
     let r = (xc - n * LN2_HI) - n * LN2_LO;
     let mut p = 1.0 / 5040.0;
     p = p * r + 1.0 / 720.0;
@@ -93,7 +97,9 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     p = p * r + 1.0;
     p = p * r + 1.0;
-    let n = n as i32;
+    // n as an integer, read from the mantissa of 1.5 * 2^23 + n (an `as i32` cast does not
+    // vectorise: its saturation is done one lane at a time).
+    let n = shifted.to_bits() as i32 - SHIFT.to_bits() as i32;
     let half = n >> 1;
     let scale = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
     let y = p * scale(half) * scale(n - half);
@@ -101,12 +107,15 @@ pub fn exp_f32(x: f32) -> f32 {
 }
 
 impl Acc for f64 {
+    #[inline(always)]
     fn of(x: f64) -> Self {
         x
     }
+    #[inline(always)]
     fn f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn exp_fast(self) -> Self {
         self.exp()
     }
@@ -124,9 +133,11 @@ pub trait Elem: HasDType {
 
 impl Elem for f32 {
     type Acc = f32;
+    #[inline(always)]
     fn load(self) -> f32 {
         self
     }
+    #[inline(always)]
     fn store(a: f32) -> Self {
         a
     }
@@ -134,9 +145,11 @@ impl Elem for f32 {
 
 impl Elem for f64 {
     type Acc = f64;
+    #[inline(always)]
     fn load(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn store(a: f64) -> Self {
         a
     }
@@ -144,19 +157,44 @@ impl Elem for f64 {
 
 impl Elem for half::bf16 {
     type Acc = f32;
+    #[inline(always)]
     fn load(self) -> f32 {
-        self.to_f32()
+        bf16_to_f32(self.to_bits())
     }
+    #[inline(always)]
     fn store(a: f32) -> Self {
-        half::bf16::from_f32(a)
+        half::bf16::from_bits(f32_to_bf16(a))
     }
+}
+
+/// bfloat16 bits to f32, as `half` converts them (a NaN made quiet), branch-free so that
+/// loops over it vectorise.
+#[inline(always)]
+pub fn bf16_to_f32(x: u16) -> f32 {
+    let wide = (x as u32) << 16;
+    let nan = x & 0x7FFF > 0x7F80;
+    f32::from_bits(if nan { wide | 0x0040_0000 } else { wide })
+}
+
+/// f32 to bfloat16 bits rounded to nearest even, as `half` rounds them (a NaN keeps its sign
+/// and top payload bits and is made quiet), branch-free so that loops over it vectorise.
+#[inline(always)]
+pub fn f32_to_bf16(x: f32) -> u16 {
+    let b = x.to_bits();
+    // Adding 0x7FFF plus the lowest kept bit carries into the kept bits exactly when the
+    // dropped half is above one half, or exactly one half with an odd kept value.
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let nan = b & 0x7FFF_FFFF > 0x7F80_0000;
+    (if nan { (b >> 16) | 0x0040 } else { rounded }) as u16
 }
 
 impl Elem for half::f16 {
     type Acc = f32;
+    #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
     fn store(a: f32) -> Self {
         half::f16::from_f32(a)
     }
@@ -220,7 +258,41 @@ impl Strided2 {
 
 #[cfg(test)]
 mod tests {
-    use super::exp_f32;
+    use super::{bf16_to_f32, exp_f32, f32_to_bf16};
+
+    /// The branch-free conversions give `half`'s bits: every bfloat16 pattern one way, and
+    /// f32 patterns around every rounding boundary, the specials and a stride the other way.
+    #[test]
+    fn bf16_conversions_match_half_bitwise() {
+        for x in 0..=u16::MAX {
+            let want = half::bf16::from_bits(x).to_f32().to_bits();
+            assert_eq!(bf16_to_f32(x).to_bits(), want, "{x:#06x}");
+        }
+        let check = |b: u32| {
+            let want = half::bf16::from_f32(f32::from_bits(b)).to_bits();
+            assert_eq!(f32_to_bf16(f32::from_bits(b)), want, "{b:#010x}");
+        };
+        for hi in (0..=u16::MAX as u32).step_by(7) {
+            for lo in [0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234, 0xC000] {
+                check(hi << 16 | lo);
+            }
+        }
+        for b in [
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0x7F80_0001,
+            0xFFFF_FFFF,
+            0x7F7F_FFFF,
+        ] {
+            check(b);
+        }
+        let mut b = 0u32;
+        while let Some(next) = b.checked_add(65_537) {
+            check(b);
+            b = next;
+        }
+    }
 
     #[test]
     fn exp_f32_within_two_ulp_everywhere() {

@@ -7,8 +7,8 @@
 use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
-use super::Bound;
 use super::float::{Acc, Elem};
+use super::{Bound, simd};
 use crate::op::logprobs::LogprobOptions;
 
 /// Columns per block of the running max.
@@ -18,6 +18,7 @@ const LANES: usize = 8;
 
 /// One row's `(max, sum e^{x - max}, sum e^{x - max} (x - max))` over `x = z * inv_t`.
 /// NaN or `+inf` anywhere makes the sums NaN; a row of `-inf` gives `(-inf, 0, 0)`.
+#[inline(always)]
 fn row_sums<E: Elem>(row: &[E], inv_t: E::Acc) -> (E::Acc, E::Acc, E::Acc) {
     let zero = E::Acc::zero();
     let mut m = E::Acc::neg_infinity();
@@ -159,7 +160,10 @@ pub unsafe fn forward<E: Elem>(
         }
         // SAFETY: r < n, a row of the tensor (the caller's promise).
         let row = unsafe { rows.row::<E>(r) };
-        let (m, s, t) = row_sums(row, inv_t);
+        let (m, s, t) = simd::vectorized(
+            #[inline(always)]
+            || row_sums(row, inv_t),
+        );
         let log_s = s.ln();
         let xt = row[target as usize].load() * inv_t;
         // log p_t = (x_t - m) - log s; H = log s - t / s (both free of the max, which the
@@ -236,14 +240,19 @@ pub unsafe fn backward<E: Elem>(
         // log p_k + H = (x_k - max) - log_sum + H.
         let shift = g.entropy - g.log_sum;
         let t = target as usize;
-        for (k, z) in row.iter_mut().enumerate() {
-            let d = z.load() * inv_t - g.max;
-            let p = (d - g.log_sum).exp_fast();
-            // p = 0 where x = -inf, whose (d + shift) would make the product NaN.
-            let ent = if p > zero { b * p * (d + shift) } else { zero };
-            let hit = if k == t { a } else { zero };
-            *z = E::store((hit - a * p) - ent);
-        }
+        simd::vectorized(
+            #[inline(always)]
+            || {
+                for (k, z) in row.iter_mut().enumerate() {
+                    let d = z.load() * inv_t - g.max;
+                    let p = (d - g.log_sum).exp_fast();
+                    // p = 0 where x = -inf, whose (d + shift) would make the product NaN.
+                    let ent = if p > zero { b * p * (d + shift) } else { zero };
+                    let hit = if k == t { a } else { zero };
+                    *z = E::store((hit - a * p) - ent);
+                }
+            },
+        )
     };
     if Bound::Compute.parallel(n * rows.cols) {
         (0..n)

@@ -6,6 +6,7 @@ pub mod dapo;
 pub mod float;
 pub mod logprobs;
 pub mod rows;
+pub mod simd;
 
 use rayon::prelude::*;
 

@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
+use crate::cpu::simd;
 use crate::cuda::{self, Family};
 use crate::dispatch::Choice;
 
@@ -18,6 +19,29 @@ pub fn set_backend(py: Python<'_>, name: &str) -> PyResult<()> {
 #[pyfunction]
 pub fn set_emulated_blocks(py: Python<'_>, n: usize) -> PyResult<()> {
     cuda::set_emulated_blocks(n).map_err(|e| to_pyerr(py, e))
+}
+
+/// Runs the CPU kernels at the named instruction-set level (`None`: the best this CPU has), as
+/// `HIDDEN_ALIGN_SIMD` does; returns the level now in use.
+#[pyfunction]
+#[pyo3(signature = (level=None))]
+pub fn set_simd_level(py: Python<'_>, level: Option<&str>) -> PyResult<&'static str> {
+    simd::force(level)
+        .map(simd::Level::name)
+        .map_err(|e| to_pyerr(py, e))
+}
+
+/// `(in use, best this CPU has, every level it has)` of the CPU kernels' instruction set.
+#[pyfunction]
+pub fn simd_levels() -> (&'static str, &'static str, Vec<&'static str>) {
+    (
+        simd::current().name(),
+        simd::detected().name(),
+        simd::available()
+            .into_iter()
+            .map(simd::Level::name)
+            .collect(),
+    )
 }
 
 /// The process-wide backend's name.
