@@ -218,79 +218,90 @@ impl Views {
     }
 }
 
-/// Columns per block: loads and the branch-free token math run over fixed-size local arrays,
-/// which the compiler vectorises; the block sums are then added in f64.
+/// Columns per block: the token math runs over a block, the block's sums go to f64.
 const BLOCK: usize = 128;
 
-/// One block of a row in the accumulator type, with the mask (zero where masked) and weights.
-struct Block<A> {
-    lp: [A; BLOCK],
-    old: [A; BLOCK],
-    adv: [A; BLOCK],
-    mask: [A; BLOCK],
-    w: [A; BLOCK],
+/// Columns `c0..c0 + n` of row `r` of `view`: the tensor's own memory when its columns are
+/// contiguous (no copy), else gathered into `buf` (strided views, per-rollout advantages).
+#[inline(always)]
+fn columns<'a, T: Copy>(
+    view: &'a Strided2,
+    r: usize,
+    c0: usize,
+    n: usize,
+    buf: &'a mut [T; BLOCK],
+) -> &'a [T] {
+    // SAFETY (both reads): r < B and c0 + n <= T, inside the tensor of the view (the [B]
+    // advantages through their 0 column stride), and T is its element type.
+    if let Some(row) = unsafe { view.row_slice::<T>(r, c0, n) } {
+        return row;
+    }
+    for (i, o) in buf[..n].iter_mut().enumerate() {
+        *o = unsafe { view.get::<T>(r, c0 + i) };
+    }
+    &buf[..n]
 }
 
-impl<A: Acc> Block<A> {
+/// Scratch of [`columns`] for the inputs of one row, and weights of 1 for inputs without any.
+struct Scratch<T, M> {
+    lp: [T; BLOCK],
+    old: [T; BLOCK],
+    adv: [T; BLOCK],
+    mask: [M; BLOCK],
+    w: [T; BLOCK],
+    ones: [T; BLOCK],
+}
+
+impl<T: Elem, M: Scalar + Copy + Default> Scratch<T, M> {
     #[inline(always)]
     fn new() -> Self {
-        let z = [A::zero(); BLOCK];
-        Block {
-            lp: z,
-            old: z,
-            adv: z,
-            mask: z,
-            w: [A::one(); BLOCK],
+        let one = T::store(T::Acc::of(1.0));
+        Scratch {
+            lp: [one; BLOCK],
+            old: [one; BLOCK],
+            adv: [one; BLOCK],
+            mask: [M::default(); BLOCK],
+            w: [one; BLOCK],
+            ones: [one; BLOCK],
         }
     }
 
-    /// Loads columns `c0..c0 + n` of row `r` (the weights only when there are some: `w`
-    /// stays 1 otherwise). Masked positions are neutralised by the token loop.
+    /// Calls `each(i, token, m, w)` for the columns `c0 + i` of row `r`, `i < n`. Masked
+    /// positions enter the token math as zeros, so garbage there (NaN, inf) never reaches it.
     #[inline(always)]
-    fn load<T: Elem<Acc = A>, M: Scalar>(&mut self, v: &Views, r: usize, c0: usize, n: usize) {
-        read_row::<M, A>(&v.mask, r, c0, &mut self.mask[..n], |m| A::of(m.to_f64()));
-        read_row::<T, A>(&v.lp, r, c0, &mut self.lp[..n], T::load);
-        read_row::<T, A>(&v.old, r, c0, &mut self.old[..n], T::load);
-        read_row::<T, A>(&v.adv, r, c0, &mut self.adv[..n], T::load);
-        if let Some(w) = &v.weights {
-            read_row::<T, A>(w, r, c0, &mut self.w[..n], T::load);
+    fn tokens(
+        &mut self,
+        v: &Views,
+        k: &Clip<T::Acc>,
+        (r, c0, n): (usize, usize, usize),
+        mut each: impl FnMut(usize, Token<T::Acc>, T::Acc, T::Acc),
+    ) {
+        let lp = columns::<T>(&v.lp, r, c0, n, &mut self.lp);
+        let old = columns::<T>(&v.old, r, c0, n, &mut self.old);
+        let adv = columns::<T>(&v.adv, r, c0, n, &mut self.adv);
+        let mask = columns::<M>(&v.mask, r, c0, n, &mut self.mask);
+        let w = match &v.weights {
+            Some(w) => columns::<T>(w, r, c0, n, &mut self.w),
+            None => &self.ones[..n],
+        };
+        let zero = T::Acc::zero();
+        for i in 0..n {
+            let m = T::Acc::of(mask[i].to_f64());
+            let on = m != zero;
+            let tok = token(
+                pick(on, lp[i].load(), zero),
+                pick(on, old[i].load(), zero),
+                pick(on, adv[i].load(), zero),
+                k,
+            );
+            each(i, tok, m, pick(on, w[i].load(), zero));
         }
-    }
-
-    /// Token `i` with masked positions replaced by neutral values, so that garbage there
-    /// (NaN, inf) never enters the arithmetic: `(log_prob, old, advantage, mask, weight)`.
-    #[inline(always)]
-    fn masked(&self, i: usize) -> (A, A, A, A, A) {
-        let zero = A::zero();
-        let m = self.mask[i];
-        let on = m != zero;
-        (
-            pick(on, self.lp[i], zero),
-            pick(on, self.old[i], zero),
-            pick(on, self.adv[i], zero),
-            m,
-            pick(on, self.w[i], zero),
-        )
-    }
-}
-
-/// `out[i] = f(view[r, c0 + i])`, straight from a slice when the columns are contiguous.
-#[inline(always)]
-fn read_row<T: Copy, A>(view: &Strided2, r: usize, c0: usize, out: &mut [A], f: impl Fn(T) -> A) {
-    // SAFETY (both reads): r < B and c0 + out.len() <= T, inside the tensor of the view (the
-    // [B] advantages through their 0 column stride), and T is its element type.
-    if let Some(row) = unsafe { view.row_slice::<T>(r, c0, out.len()) } {
-        out.iter_mut().zip(row).for_each(|(o, &x)| *o = f(x));
-    } else {
-        out.iter_mut()
-            .enumerate()
-            .for_each(|(i, o)| *o = f(unsafe { view.get::<T>(r, c0 + i) }));
     }
 }
 
 /// One row's forward sums; writes the row's factor when `factor_base` points at one.
 #[inline(always)]
-fn forward_row<T: Elem, M: Scalar>(
+fn forward_row<T: Elem, M: Scalar + Copy + Default>(
     v: &Views,
     r: usize,
     t: usize,
@@ -298,11 +309,12 @@ fn forward_row<T: Elem, M: Scalar>(
     factor_base: Option<usize>,
 ) -> RowSums {
     let mut s = RowSums::default();
-    let mut blk = Block::<T::Acc>::new();
+    let mut scratch = Scratch::<T, M>::new();
     let zero = T::Acc::zero();
     // Per-token terms of one block, reduced afterwards: a running sum inside the token
     // loop would serialise it and stop vectorisation.
-    let (mut tl, mut tk, mut tc, mut to, mut tg) = (
+    let (mut tl, mut tk, mut tc, mut to, mut tm, mut tg) = (
+        [zero; BLOCK],
         [zero; BLOCK],
         [zero; BLOCK],
         [zero; BLOCK],
@@ -311,16 +323,20 @@ fn forward_row<T: Elem, M: Scalar>(
     );
     for c0 in (0..t).step_by(BLOCK) {
         let n = BLOCK.min(t - c0);
-        blk.load::<T, M>(v, r, c0, n);
-        for i in 0..n {
-            let (lp, old, adv, m, w) = blk.masked(i);
-            let tok = token(lp, old, adv, k);
-            tl[i] = tok.loss * w * m;
-            tk[i] = -tok.d * m;
-            tc[i] = pick(tok.clipped, m, zero);
-            to[i] = pick(tok.clipped_lower, m, zero);
-            tg[i] = tok.grad * w * m;
-        }
+        scratch.tokens(
+            v,
+            k,
+            (r, c0, n),
+            #[inline(always)]
+            |i, tok, m, w| {
+                tl[i] = tok.loss * w * m;
+                tk[i] = -tok.d * m;
+                tc[i] = pick(tok.clipped, m, zero);
+                to[i] = pick(tok.clipped_lower, m, zero);
+                tm[i] = m;
+                tg[i] = tok.grad * w * m;
+            },
+        );
         if let Some(base) = factor_base {
             // SAFETY: factor is a contiguous [B, T] output; this task alone writes row r.
             let dst =
@@ -333,14 +349,14 @@ fn forward_row<T: Elem, M: Scalar>(
         s.kl += lane_sum(&tk[..n]).f64();
         s.clipped += lane_sum(&tc[..n]).f64();
         s.clipped_lower += lane_sum(&to[..n]).f64();
-        s.mask += lane_sum(&blk.mask[..n]).f64();
+        s.mask += lane_sum(&tm[..n]).f64();
     }
     s
 }
 
 /// Forward of the policy loss; fills `scale` with `dloss/d(l m)` per row, and `factor` (when
 /// given, `[B, T]` contiguous) with `m w dl/dlog_prob`, so that the backward is one scaling.
-pub fn policy_forward<T: Elem, M: Scalar>(
+pub fn policy_forward<T: Elem, M: Scalar + Copy + Default>(
     inputs: &PolicyInputs,
     (b, t): (usize, usize),
     clip: &ClipConfig,
@@ -414,7 +430,7 @@ pub fn policy_forward<T: Elem, M: Scalar>(
 
 /// Backward of the policy loss: `out[r, c] = upstream * scale[r] * m * w * dl/dlog_prob`,
 /// recomputing the token math (used when the forward saved no factor).
-pub fn policy_backward<T: Elem, M: Scalar>(
+pub fn policy_backward<T: Elem, M: Scalar + Copy + Default>(
     inputs: &PolicyInputs,
     (_, t): (usize, usize),
     clip: &ClipConfig,
@@ -430,15 +446,17 @@ pub fn policy_backward<T: Elem, M: Scalar>(
             #[inline(always)]
             || {
                 let row_up = up * scale[r];
-                let mut blk = Block::<T::Acc>::new();
+                let mut scratch = Scratch::<T, M>::new();
                 for c0 in (0..t).step_by(BLOCK) {
                     let n = BLOCK.min(t - c0);
-                    blk.load::<T, M>(&v, r, c0, n);
-                    for i in 0..n {
-                        let (lp, old, adv, m, w) = blk.masked(i);
-                        let g = token(lp, old, adv, &k).grad;
-                        row[c0 + i] = T::store(row_up * m * w * g);
-                    }
+                    let out = &mut row[c0..c0 + n];
+                    scratch.tokens(
+                        &v,
+                        &k,
+                        (r, c0, n),
+                        #[inline(always)]
+                        |i, tok, m, w| out[i] = T::store(row_up * m * w * tok.grad),
+                    );
                 }
             },
         )
