@@ -35,7 +35,7 @@ mod _native {
         policy_loss_forward,
     };
     #[pymodule_export]
-    use crate::py::logprobs::{token_logprobs_backward, token_logprobs_forward};
+    use crate::py::logprobs::{accumulate_f32, token_logprobs_backward, token_logprobs_forward};
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -809,3 +809,32 @@ def test_emulated_float64_names_hidden():
         return
     ref_lp, _ = reference(exact_logits(hidden, weight), targets)
     assert_near(lp, ref_lp, F64_TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_weight_gradient_accumulation_matches_torch_add_bitwise(dtype):
+    # The backward sums each chunk's weight-gradient product into a float32 accumulator with a
+    # native add (torch's mixed-dtype add_ makes a float32 temporary of the product first).
+    from hidden_align import _native
+
+    gen = torch.Generator().manual_seed(5)
+    acc = torch.randn(300, 70, generator=gen)
+    x = torch.randn(300, 70, generator=gen).to(dtype)
+    x[3, 4] = float("nan")
+    want = acc.clone().add_(x)
+    _native.accumulate_f32(acc, x)
+    assert torch.equal(acc.view(torch.int32), want.view(torch.int32))
+
+
+def test_weight_gradient_accumulation_refuses_mismatches():
+    from hidden_align import _native
+    from hidden_align.errors import DtypeError, HiddenAlignError, ShapeError
+
+    with pytest.raises(ShapeError, match="partial"):
+        _native.accumulate_f32(torch.zeros(4, 3), torch.zeros(3, 4))
+    with pytest.raises(DtypeError, match="grad_weight"):
+        _native.accumulate_f32(torch.zeros(4, 3, dtype=torch.float64), torch.zeros(4, 3))
+    with pytest.raises(DtypeError, match="partial"):
+        _native.accumulate_f32(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.int32))
+    with pytest.raises(HiddenAlignError):
+        _native.accumulate_f32(torch.zeros(4, 6)[:, ::2], torch.zeros(4, 3))

@@ -160,6 +160,7 @@ def token_logprobs_forward(
     out_entropy: torch.Tensor | None = None,
     stream: int | None = None,
 ) -> None: ...
+def accumulate_f32(grad_weight: torch.Tensor, partial: torch.Tensor) -> None: ...
 def token_logprobs_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,

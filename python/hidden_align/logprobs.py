@@ -143,7 +143,11 @@ class _TokenLogprobs(torch.autograd.Function):
                 if partial is None:
                     grad_w.addmm_(z.t(), h[s:e])
                 else:
-                    grad_w.add_(torch.mm(z.t(), h[s:e], out=partial))
+                    torch.mm(z.t(), h[s:e], out=partial)
+                    if partial.device.type == "cpu":
+                        _native.accumulate_f32(grad_w, partial)
+                    else:
+                        grad_w.add_(partial)
             if need_b:
                 grad_b.add_(z.sum(dim=0, dtype=acc))
         grad_w = None if grad_w is None else grad_w.to(weight.dtype)

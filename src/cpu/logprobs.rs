@@ -8,7 +8,7 @@ use num_traits::{Float, Zero};
 use rayon::prelude::*;
 
 use super::float::{Acc, Elem};
-use super::{Bound, simd};
+use super::{Bound, for_each_chunk, simd};
 use crate::op::logprobs::LogprobOptions;
 
 /// Columns per block of the running max.
@@ -211,6 +211,49 @@ pub struct RowGrad<A> {
     pub entropy: A,
 }
 
+/// `acc += x` elementwise, `x` widened to f32: one chunk's weight-gradient product (rounded
+/// once to the weight's dtype) added to the float32 accumulator, in pieces of 64K elements.
+pub fn accumulate<E: Elem<Acc = f32>>(acc: &mut [f32], x: &[E]) {
+    const PIECE: usize = 1 << 16;
+    for_each_chunk(acc, PIECE, Bound::Compute, |i, a| {
+        let x = &x[i * PIECE..i * PIECE + a.len()];
+        simd::vectorized(
+            #[inline(always)]
+            || a.iter_mut().zip(x).for_each(|(a, &x)| *a += x.load()),
+        )
+    });
+}
+
+/// The constants of one row's logit gradient.
+struct Column<A> {
+    inv_t: A,
+    max: A,
+    log_sum: A,
+    /// `grad_logprob / T`.
+    a: A,
+    /// `grad_entropy / T`.
+    b: A,
+    /// `H - log_sum`.
+    shift: A,
+}
+
+impl<A: Acc> Column<A> {
+    /// `d(loss)/dz = (hit - a p) - b p (log p + H)` for logit `z`.
+    #[inline(always)]
+    fn grad<E: Elem<Acc = A>>(&self, z: E, hit: A) -> E {
+        let zero = A::zero();
+        let d = z.load() * self.inv_t - self.max;
+        let p = (d - self.log_sum).exp_fast();
+        // p = 0 where x = -inf, whose (d + shift) would make the product NaN.
+        let ent = if p > zero {
+            self.b * p * (d + self.shift)
+        } else {
+            zero
+        };
+        E::store((hit - self.a * p) - ent)
+    }
+}
+
 /// Turns every row of `rows` into its logit gradient, in place. `grads(r)` gives row r's
 /// upstream gradients and saved values; ignored rows become zeros.
 ///
@@ -240,19 +283,23 @@ pub unsafe fn backward<E: Elem>(
         // log p_k + H = (x_k - max) - log_sum + H.
         let shift = g.entropy - g.log_sum;
         let t = target as usize;
+        // d(loss)/dz_k = (hit_k - a p_k) - b p_k (log p_k + H), hit_k = a at the target only:
+        // the loop writes every column with hit = 0 (no per-column index compare, which would
+        // halve the vector width), then the target's column is redone from its saved logit.
+        let k = Column {
+            inv_t,
+            max: g.max,
+            log_sum: g.log_sum,
+            a,
+            b,
+            shift,
+        };
+        let target_logit = row[t];
         simd::vectorized(
             #[inline(always)]
-            || {
-                for (k, z) in row.iter_mut().enumerate() {
-                    let d = z.load() * inv_t - g.max;
-                    let p = (d - g.log_sum).exp_fast();
-                    // p = 0 where x = -inf, whose (d + shift) would make the product NaN.
-                    let ent = if p > zero { b * p * (d + shift) } else { zero };
-                    let hit = if k == t { a } else { zero };
-                    *z = E::store((hit - a * p) - ent);
-                }
-            },
-        )
+            || row.iter_mut().for_each(|z| *z = k.grad(*z, zero)),
+        );
+        row[t] = k.grad(target_logit, a);
     };
     if Bound::Compute.parallel(n * rows.cols) {
         (0..n)

@@ -5,9 +5,9 @@ use crate::cpu;
 use crate::cpu::float::Elem;
 use crate::cpu::logprobs::{RowGrad, Rows};
 use crate::cuda;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::op::logprobs::{LogprobBackward, LogprobForward, LogprobOutputs, check_targets};
-use crate::tensor::TensorRef;
+use crate::tensor::{DType, TensorRef};
 
 fn rows_of(logits: &TensorRef, v: usize) -> Rows {
     Rows {
@@ -49,6 +49,36 @@ pub fn forward(
         unsafe { cpu::logprobs::forward::<E>(rows, &targets, inp.options, logprob, stats, entropy) };
         Ok(())
     })
+}
+
+/// `acc += x` on the CPU: `acc` float32, `x` float32, bfloat16 or float16 of its shape, both
+/// contiguous (the weight gradient's float32 sum of per-chunk products; torch's mixed-dtype
+/// add converts `x` into a temporary first, which made it the largest cost of a bfloat16
+/// backward after the matmuls).
+pub fn accumulate_f32(acc: &mut TensorRef, x: &TensorRef) -> Result<()> {
+    acc.expect_dtype(&[DType::F32])?;
+    if x.shape() != acc.shape() {
+        return Err(Error::shape(
+            x.name(),
+            format!("{:?} (the shape of {})", acc.shape(), acc.name()),
+            x.shape(),
+        ));
+    }
+    // SAFETY: acc is the accumulator the caller allocated, distinct from x.
+    let dst = unsafe { acc.as_mut_slice::<f32>()? };
+    match x.dtype() {
+        DType::BF16 => cpu::logprobs::accumulate(dst, x.as_slice::<half::bf16>()?),
+        DType::F16 => cpu::logprobs::accumulate(dst, x.as_slice::<half::f16>()?),
+        DType::F32 => cpu::logprobs::accumulate(dst, x.as_slice::<f32>()?),
+        other => {
+            return Err(Error::Dtype {
+                arg: x.name(),
+                expected: "float32, bfloat16 or float16".into(),
+                got: other.to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Turns the chunk of logits into its gradient, in place.

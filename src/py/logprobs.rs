@@ -46,6 +46,21 @@ pub fn token_logprobs_forward(
     })
 }
 
+/// `grad_weight += partial` (float32; `partial` float32, bfloat16 or float16 of its shape),
+/// both contiguous CPU tensors: the weight gradient's per-chunk sums.
+#[pyfunction]
+pub fn accumulate_f32(
+    py: Python<'_>,
+    grad_weight: &Bound<'_, PyAny>,
+    partial: &Bound<'_, PyAny>,
+) -> PyResult<()> {
+    let acc = import_on(grad_weight, "grad_weight", None)?;
+    let x = import_on(partial, "partial", None)?;
+    run(py, "hidden_align.token_logprobs", move || {
+        logprobs::accumulate_f32(&mut acc.view()?, &x.view()?)
+    })
+}
+
 /// Overwrites `logits` (the chunk recomputed) with the gradient of
 /// `sum(grad_logprob * logprob + grad_entropy * entropy)` w.r.t. it.
 #[pyfunction]
