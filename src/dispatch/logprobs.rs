@@ -57,13 +57,7 @@ pub fn forward(
 /// backward after the matmuls).
 pub fn accumulate_f32(acc: &mut TensorRef, x: &TensorRef) -> Result<()> {
     acc.expect_dtype(&[DType::F32])?;
-    if x.shape() != acc.shape() {
-        return Err(Error::shape(
-            x.name(),
-            format!("{:?} (the shape of {})", acc.shape(), acc.name()),
-            x.shape(),
-        ));
-    }
+    x.expect_buffer(acc.shape(), x.dtype())?;
     // SAFETY: acc is the accumulator the caller allocated, distinct from x.
     let dst = unsafe { acc.as_mut_slice::<f32>()? };
     match x.dtype() {
